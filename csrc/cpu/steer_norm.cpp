@@ -1,0 +1,175 @@
+// Fused steer+norm, CPU backend: one pass per row, rows split across threads.
+//
+// Design: the row is converted once into a float32 scratch buffer that stays in L1/L2;
+// the slot's edits run on it in order (each one a dot product and an axpy over the
+// buffer), the edited row is rounded to the model dtype and stored back into h (rows
+// that are not edited are never written), and the norm is computed from the rounded
+// values and written into `out`. Memory traffic is one read of h, at most one write of
+// h and one write of out, plus the few bank vectors the slot uses (shared across rows,
+// so they stay in cache). Reductions use `omp simd` (compiled with -fopenmp-simd: no
+// OpenMP runtime) so they vectorise without -ffast-math; -ffp-contract=off keeps
+// a*b+c as two roundings, like PyTorch's reference.
+// Limit: the scratch row is D floats per thread; rows are independent, so very small
+// batches of very wide rows do not use more than one core.
+#include "steer_norm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "../common/dtype.h"
+#include "../common/edit_math.h"
+#include "../common/layout.h"
+#include "../common/norm_math.h"
+#include "thread_pool.h"
+
+namespace fasteer {
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float sumsq(const float* a, int64_t d) { return dot(a, a, d); }
+
+inline float sum(const float* a, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i];
+  return s;
+}
+
+// Edit the float32 row x in place; returns whether any edit applied.
+bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
+                      std::vector<uint8_t>& passes) {
+  const int64_t d = a.d;
+  const int32_t* meta = a.meta + slot * a.e * kMetaWidth;
+  const float* params = a.params + slot * a.e * kParamWidth;
+
+  // Conditions read the row as it entered the site.
+  passes.assign(size_t(a.e), 1);
+  float norm_in = -1.0f;
+  for (int64_t e = 0; e < a.e; ++e) {
+    const int32_t code = meta[e * kMetaWidth + kMetaCode];
+    const int32_t cond = code_condition(code);
+    if (code_kind(code) == kNone || cond == kCondNone) continue;
+    const float* c = a.bank + int64_t(meta[e * kMetaWidth + kMetaC]) * d;
+    const float dc = dot(x, c, d);
+    float norms = 0.0f;
+    if (cond == kCondCosine) {
+      if (norm_in < 0.0f) norm_in = std::sqrt(sumsq(x, d));
+      norms = norm_in * std::sqrt(sumsq(c, d));
+    }
+    const float* p = params + e * kParamWidth;
+    passes[size_t(e)] = condition_holds(cond, dc, norms, p[kParamCondThresh], p[kParamCondBias]);
+  }
+
+  bool edited = false;
+  for (int64_t e = 0; e < a.e; ++e) {
+    const int32_t* m = meta + e * kMetaWidth;
+    const int32_t code = m[kMetaCode];
+    const int32_t kind = code_kind(code);
+    if (kind == kNone || !passes[size_t(e)]) continue;
+    const float* u = edit_reads_u(kind) ? a.bank + int64_t(m[kMetaU]) * d : nullptr;
+    const float* w = kind == kFeature ? a.bank + int64_t(m[kMetaW]) * d : nullptr;
+    const float dot_u = edit_needs_dot_u(kind) ? dot(x, u, d) : 0.0f;
+    const AffineEdit ed = edit_coefficients(code, dot_u, params + e * kParamWidth);
+    const bool preserve = code_preserve_norm(code);
+    const float before = preserve ? sumsq(x, d) : 0.0f;
+    if (kind == kScale) {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) x[i] = ed.scale_h * x[i];
+    } else if (w != nullptr) {
+      const float cw = ed.coef_w;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) x[i] = x[i] + cw * w[i];
+    } else {
+      const float cu = ed.coef_u;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) x[i] = x[i] + cu * u[i];
+    }
+    if (preserve) {
+      const float f = preserve_norm_factor(before, sumsq(x, d));
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) x[i] = x[i] * f;
+    }
+    edited = true;
+  }
+  return edited;
+}
+
+template <typename T>
+void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
+  thread_local std::vector<float> scratch;
+  thread_local std::vector<uint8_t> passes;
+  const int64_t d = a.d;
+  if (int64_t(scratch.size()) < d) scratch.resize(size_t(d));
+  float* x = scratch.data();
+  const T* weight = static_cast<const T*>(a.weight);
+  const T* bias = static_cast<const T*>(a.bias);
+
+  for (int64_t row = begin; row < end; ++row) {
+    T* h = static_cast<T*>(a.h) + row * a.h_stride;
+    const int64_t slot = a.slot[row];
+    const bool active = a.gate[row] != 0 && slot >= 0 && slot < a.s && a.e > 0;
+    if (!active && a.norm_kind == kNormNone) continue;
+
+    for (int64_t i = 0; i < d; ++i) x[i] = to_float(h[i]);
+    if (active && apply_slot_edits(a, slot, x, passes)) {
+      for (int64_t i = 0; i < d; ++i) {
+        const T v = from_float<T>(x[i]);
+        h[i] = v;
+        x[i] = to_float(v);  // the norm reads what the model will see
+      }
+    }
+    if (a.norm_kind == kNormNone) continue;
+
+    T* out = static_cast<T*>(a.out) + row * a.out_stride;
+    if (a.norm_kind == kNormRms) {
+      const float inv = rms_inv(sumsq(x, d), d, a.eps);
+      for (int64_t i = 0; i < d; ++i)
+        out[i] = rms_out<T>(x[i], inv, weight != nullptr, weight ? to_float(weight[i]) : 0.0f,
+                            a.weight_offset, a.cast_before_weight);
+    } else {
+      const float mean = sum(x, d) / float(d);
+      float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+      for (int64_t i = 0; i < d; ++i) var += (x[i] - mean) * (x[i] - mean);
+      const float rstd = 1.0f / std::sqrt(var / float(d) + a.eps);
+      for (int64_t i = 0; i < d; ++i)
+        out[i] = layer_out<T>(x[i], mean, rstd, weight != nullptr,
+                              weight ? to_float(weight[i]) : 0.0f, bias != nullptr,
+                              bias ? to_float(bias[i]) : 0.0f);
+    }
+  }
+}
+
+template <typename T>
+void dispatch_rows(const SteerNormArgs& a) {
+  // Split only when there is enough work to pay for waking threads (~16k elements each).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(a.d, 1));
+  ThreadPool::instance().parallel_for(a.n, grain, a.num_threads,
+                                      [&](int64_t b, int64_t e) { run_rows<T>(a, b, e); });
+}
+
+}  // namespace
+
+void steer_norm_cpu(const SteerNormArgs& a) {
+  if (a.norm_kind != kNormNone && a.norm_kind != kNormRms && a.norm_kind != kNormLayer)
+    throw std::invalid_argument("norm_kind: expected 0 (none), 1 (rms) or 2 (layer)");
+  if (a.norm_kind != kNormNone && a.out == nullptr)
+    throw std::invalid_argument("out: required when norm_kind is not none");
+  if (a.n == 0 || a.d == 0) return;
+  switch (a.dtype) {
+    case kFloat32: return dispatch_rows<float>(a);
+    case kBFloat16: return dispatch_rows<bf16_t>(a);
+    case kFloat16: return dispatch_rows<f16_t>(a);
+    default: throw std::invalid_argument("dtype: expected float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace fasteer

@@ -1,0 +1,56 @@
+// Python bindings of fasteer._cuda. Compiled by the host compiler: only launch.h, no
+// CUDA headers. Importing this module does not initialise CUDA; the first launch does.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "launch.h"
+
+namespace py = pybind11;
+
+#ifndef FASTEER_CUDA_ARCHS
+#define FASTEER_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+void check(int err, const char* what) {
+  if (err != 0) {
+    throw std::runtime_error(std::string(what) + " failed: " + fasteer::cuda::error_string(err));
+  }
+}
+
+std::vector<std::string> archs() {
+  std::vector<std::string> out;
+  std::stringstream ss(FASTEER_CUDA_ARCHS);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fasteer CUDA kernels (raw pointers and streams; see fasteer/ops/cuda)";
+  m.def("archs", &archs, "SM architectures this module was compiled for, e.g. ['80', '90'].");
+  m.def("device_count", [] {
+    int n = 0;
+    check(fasteer::cuda::device_count(&n), "cudaGetDeviceCount");
+    return n;
+  });
+  m.def(
+      "add_rows",
+      [](uintptr_t h, int64_t n, int64_t d, int64_t h_stride, int32_t dtype, uintptr_t v,
+         double alpha, uintptr_t stream) {
+        check(fasteer::cuda::launch_add_rows(reinterpret_cast<void*>(h), n, d, h_stride, dtype,
+                                             reinterpret_cast<const float*>(v), float(alpha),
+                                             stream),
+              "add_rows launch");
+      },
+      py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,1 @@
+"""`cpu` backend: fasteer._C, fused C++ kernels multithreaded over rows."""

@@ -1,0 +1,201 @@
+"""Fused steer+norm in Triton: edit a residual-stream row in place, then normalise it.
+
+The math is the slot-table contract of `fasteer.ops.layout` (the reference backend
+defines it); this module knows nothing of models.
+
+Why it is written this way
+--------------------------
+* One program per row, the whole row held in registers (``BLOCK_D`` = next power of
+  two >= D). A row is read from HBM once; every dot product an edit needs (clamp,
+  ablate, feature encoder column, condition, norm preservation) is a register
+  reduction, and the bank vectors it reads are small and shared by all rows (L2).
+  Keeping the row on chip is what makes the edits free next to the norm's own read
+  and write. Rows up to 65536 wide fit this scheme; the launcher picks more warps
+  for wider rows (the compiler spills to local memory past what registers hold,
+  which stays correct).
+* The edit list is data, not code: the slot's edit count ``n_edits`` and each code
+  word are runtime values, read from ``meta`` and dispatched with scalar branches
+  inside a runtime loop. Changing α, a vector, an edit kind or the per-row slots
+  therefore never recompiles the kernel nor invalidates a captured CUDA graph.
+  Only the norm's shape (kind, weight/bias presence, rounding order) and whether the
+  tables are empty are compile-time, because those are fixed per carrier.
+* Conditions are evaluated on the incoming row. Instead of keeping a second copy of
+  the row in registers, the incoming row is re-read from ``h`` (still unmodified: the
+  edited row is written once, at the end), which costs an L1/L2 hit only for edits
+  that carry a condition.
+* Rows that are not edited (gate 0, slot -1 or >= S) are never stored to, so they
+  stay bitwise unchanged and cost no write bandwidth. Edited rows are rounded to h's
+  dtype before the norm reads them, exactly as the reference does, so the norm of an
+  edited row equals the norm a separate kernel would compute from the stored row.
+* Everything accumulates in float32; loads and stores are in h's dtype, contiguous
+  along D, so the compiler emits 16-byte vector accesses when D and the row stride
+  are multiples of 16 elements (Triton specialises on that divisibility).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Mirrors of fasteer.ops.layout, as compile-time constants (kernels import nothing
+# from the package so that they stay model- and dispatch-agnostic).
+KIND_NONE: tl.constexpr = tl.constexpr(0)
+KIND_ADD: tl.constexpr = tl.constexpr(1)
+KIND_CLAMP: tl.constexpr = tl.constexpr(2)
+KIND_ABLATE: tl.constexpr = tl.constexpr(3)
+KIND_SCALE: tl.constexpr = tl.constexpr(4)
+KIND_FEATURE: tl.constexpr = tl.constexpr(5)
+
+FEAT_ADD: tl.constexpr = tl.constexpr(0)
+FEAT_SET: tl.constexpr = tl.constexpr(1)
+FEAT_SCALE: tl.constexpr = tl.constexpr(2)
+
+ACT_RELU: tl.constexpr = tl.constexpr(0)
+ACT_JUMPRELU: tl.constexpr = tl.constexpr(1)
+
+COND_NONE: tl.constexpr = tl.constexpr(0)
+COND_COSINE: tl.constexpr = tl.constexpr(1)
+
+PRESERVE_NORM: tl.constexpr = tl.constexpr(1 << 24)
+
+NORM_NONE: tl.constexpr = tl.constexpr(0)
+NORM_RMS: tl.constexpr = tl.constexpr(1)
+NORM_LAYER: tl.constexpr = tl.constexpr(2)
+
+META_WIDTH: tl.constexpr = tl.constexpr(4)
+PARAM_WIDTH: tl.constexpr = tl.constexpr(8)
+
+# Widest row the register-resident scheme accepts (see the module docstring).
+MAX_BLOCK_D = 65536
+
+
+@triton.jit
+def _load_vector(bank_ptr, index, D, offs, dmask):
+    """Bank row ``index`` as float32 (int64 offsets: V * D may exceed 2**31)."""
+    return tl.load(bank_ptr + index.to(tl.int64) * D + offs, mask=dmask, other=0.0)
+
+
+@triton.jit
+def _condition_passes(h_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask):
+    """The edit's condition, evaluated on the incoming row (re-read from h, unmodified)."""
+    c = _load_vector(bank_ptr, tl.load(meta_e + 3), D, offs, dmask)
+    x_in = tl.load(h_row + offs, mask=dmask, other=0.0).to(tl.float32)
+    proj = tl.sum(x_in * c, axis=0)
+    thresh = tl.load(params_e + 4)
+    bias = tl.load(params_e + 5)
+    denom = tl.sqrt(tl.sum(x_in * x_in, axis=0)) * tl.sqrt(tl.sum(c * c, axis=0))
+    cosine = tl.where(denom > 0.0, proj / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    return tl.where(cond == COND_COSINE, cosine >= thresh, proj + bias >= thresh)
+
+
+@triton.jit
+def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
+    """One edit of the layout applied to the float32 row ``x``; returns the new row."""
+    if kind == KIND_SCALE:
+        x_new = a * x
+    elif kind == KIND_ADD:
+        u = _load_vector(bank_ptr, tl.load(meta_e + 1), D, offs, dmask)
+        x_new = x + a * u
+    else:
+        u = _load_vector(bank_ptr, tl.load(meta_e + 1), D, offs, dmask)
+        hu = tl.sum(x * u, axis=0)
+        if kind == KIND_CLAMP:
+            x_new = x + (a - hu) * u
+        elif kind == KIND_ABLATE:
+            x_new = x - hu * u
+        elif kind == KIND_FEATURE:
+            pre = hu + a
+            threshold = tl.load(params_e + 1)
+            value = tl.load(params_e + 2)
+            upper = tl.load(params_e + 3)
+            act = (code >> 12) & 0xF
+            z = tl.where(act == ACT_JUMPRELU, tl.where(pre > threshold, pre, 0.0),
+                         tl.where(act == ACT_RELU, tl.maximum(pre, 0.0), pre))
+            op = (code >> 8) & 0xF
+            z_new = tl.where(op == FEAT_ADD, z + value,
+                             tl.where(op == FEAT_SET, value,
+                                      tl.where(op == FEAT_SCALE, z * value,
+                                               tl.minimum(tl.maximum(z, value), upper))))
+            w = _load_vector(bank_ptr, tl.load(meta_e + 2), D, offs, dmask)
+            x_new = x + (z_new - z) * w
+        else:
+            x_new = x
+    return x_new
+
+
+@triton.jit
+def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs, dmask):
+    """All edits of ``slot`` in order on the float32 row ``x``."""
+    for e in range(n_edits):
+        entry = slot * n_edits + e
+        meta_e = meta_ptr + entry * META_WIDTH
+        params_e = params_ptr + entry * PARAM_WIDTH
+        code = tl.load(meta_e)
+        kind = code & 0xFF
+        cond = (code >> 16) & 0xF
+        run = kind != KIND_NONE
+        if run & (cond != COND_NONE):
+            run = run & _condition_passes(h_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask)
+        if run:
+            a = tl.load(params_e)
+            preserve = (code & PRESERVE_NORM) != 0
+            before = a * 0.0
+            if preserve:
+                before = tl.sqrt(tl.sum(x * x, axis=0))
+            x_new = _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask)
+            if preserve:
+                after = tl.sqrt(tl.sum(x_new * x_new, axis=0))
+                x_new = tl.where(after > 0.0, x_new * (before / tl.where(after > 0.0, after, 1.0)),
+                                 x_new)
+            x = x_new
+    return x
+
+
+# Table sizes change as steering is set: never specialise on them (Triton would
+# otherwise recompile when a count becomes 1).
+@triton.jit(do_not_specialize=["n_slots", "n_edits"])
+def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, bank_ptr,
+                      weight_ptr, bias_ptr,
+                      D, stride_h, stride_out, n_slots, n_edits, eps, weight_offset,
+                      BLOCK_D: tl.constexpr, NORM_KIND: tl.constexpr, HAS_EDITS: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CAST_BEFORE_WEIGHT: tl.constexpr):
+    """Grid: (N,). Program ``row`` edits h[row] in place (if its slot and gate say so)
+    and, unless NORM_KIND is NORM_NONE, writes norm(h[row]) into out[row]."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    dmask = offs < D
+    dtype = h_ptr.dtype.element_ty
+    h_row = h_ptr + row * stride_h
+    x = tl.load(h_row + offs, mask=dmask, other=0.0).to(tl.float32)
+
+    if HAS_EDITS:
+        slot = tl.load(slot_ptr + row)
+        gate = tl.load(gate_ptr + row)
+        if (gate != 0) & (slot >= 0) & (slot < n_slots):
+            x = _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs,
+                             dmask)
+            x_rounded = x.to(dtype)
+            tl.store(h_row + offs, x_rounded, mask=dmask)
+            # the norm reads the row as stored, like a separate norm kernel would
+            x = x_rounded.to(tl.float32)
+
+    if NORM_KIND != NORM_NONE:
+        if NORM_KIND == NORM_RMS:
+            variance = tl.sum(x * x, axis=0) / D
+            y = x * tl.rsqrt(variance + eps)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offs, mask=dmask, other=0.0).to(tl.float32) + weight_offset
+                if CAST_BEFORE_WEIGHT:
+                    y = w * y.to(dtype).to(tl.float32)
+                else:
+                    y = y * w
+        else:
+            mean = tl.sum(x, axis=0) / D
+            centered = tl.where(dmask, x - mean, 0.0)
+            variance = tl.sum(centered * centered, axis=0) / D
+            y = centered * tl.rsqrt(variance + eps)
+            if HAS_WEIGHT:
+                y = y * tl.load(weight_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs, y.to(dtype), mask=dmask)
