@@ -10,6 +10,8 @@ the kernel from reading.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import layout as L
@@ -19,8 +21,11 @@ _kernels = kernels_module("steer_norm")
 
 
 def _num_warps(block_d: int) -> int:
-    # ~512 elements per warp (16 fp32 / 16-byte bf16 vectors per thread at most 2-4),
-    # capped at 16 below 32K so cross-warp reductions (one per dot product) stay cheap.
+    # ~512 elements per warp = 16 per thread (four 16-byte vectors in fp32, two in
+    # bf16/fp16): enough bytes in flight per thread, few enough registers to hold the row
+    # without spilling up to 16K (checked with ptxas). Capped at 16 warps below 32K so
+    # the cross-warp reductions (one per dot product) stay cheap; 32 beyond, where the
+    # compiler spills part of the row to local memory (correct, slower).
     if block_d >= 32768:
         return 32
     return max(1, min(16, block_d // 512))
@@ -48,15 +53,19 @@ def steer_norm_triton(h2: torch.Tensor, out2: torch.Tensor | None, slot: torch.T
     # bool gates are one byte as well: read them as uint8 (a view, no copy)
     gate_bytes = gate.view(torch.uint8) if gate.dtype == torch.bool else gate
     placeholder = h2  # never read: the flags below disable every use of a missing tensor
-    _kernels.steer_norm_kernel[(n_rows,)](
-        h2, placeholder if out2 is None else out2, slot, gate_bytes,
-        meta if has_edits else slot, params if has_edits else placeholder,
-        bank if has_edits and bank.numel() else placeholder,
-        placeholder if weight is None else weight, placeholder if bias is None else bias,
-        hidden, h2.stride(0), 0 if out2 is None else out2.stride(0), n_slots, n_edits,
-        float(eps), float(weight_offset),
-        BLOCK_D=block_d, NORM_KIND=int(norm_kind), HAS_EDITS=has_edits,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and norm_kind == L.NORM_LAYER,
-        CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-        num_warps=_num_warps(block_d),
-    )
+    # Triton launches on the current device's stream: make that h's device (host-side
+    # state only, no sync; nothing to do for CPU tensors under the interpreter)
+    with torch.cuda.device(h2.device) if h2.is_cuda else contextlib.nullcontext():
+        _kernels.steer_norm_kernel[(n_rows,)](
+            h2, placeholder if out2 is None else out2, slot, gate_bytes,
+            meta if has_edits else slot, params if has_edits else placeholder,
+            bank if has_edits and bank.numel() else placeholder,
+            placeholder if weight is None else weight, placeholder if bias is None else bias,
+            hidden, h2.stride(0), 0 if out2 is None else out2.stride(0), n_slots, n_edits,
+            float(eps), float(weight_offset),
+            BLOCK_D=block_d, NORM_KIND=int(norm_kind), HAS_EDITS=has_edits,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None and norm_kind == L.NORM_LAYER,
+            CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+            num_warps=_num_warps(block_d),
+        )

@@ -1,0 +1,57 @@
+"""`fasteer` command line: demo | info | extract | generate | sweep | bench.
+
+Each command lives in its own module under `fasteer.commands` and is imported only when
+run, so `fasteer info` stays fast and never touches CUDA unless asked to report it.
+Bad input ends with one clear line on stderr and exit code 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("fasteer.commands.demo", "steer the embedded demo model (or --model) and show the effect"),
+    "info": ("fasteer.commands.info", "version, torch, and which backends are available and why not"),
+    "extract": ("fasteer.commands.extract", "extract a steering vector from prompt files"),
+    "generate": ("fasteer.commands.generate", "generate with a steering vector"),
+    "sweep": ("fasteer.commands.sweep", "alpha sweep as one batched generate, table + PNG"),
+    "bench": ("fasteer.commands.bench", "run the CPU benchmark set"),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasteer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # a command not built yet is simply not offered
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as exc:
+        print(f"fasteer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""A float64 oracle for the steer+norm math, written row by row and independently of
+the reference backend (plain loops over rows and edits, no masking tricks), plus the
+table builders the op tests share.
+
+`oracle` also returns a margin: how far the row came from a discontinuity (a condition
+threshold, a JumpReLU threshold). Tests only compare rows with a comfortable margin,
+since float32 and float64 may legitimately fall on different sides of such an edge.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fasteer.ops import layout as L
+
+
+def oracle(h, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
+           cast_before_weight):
+    """Return (h_new float64 [N, D], out float64 [N, D] or None, margin per row)."""
+    h64 = h.double().clone()
+    bank64 = bank.double()
+    n_slots, n_edits = meta.shape[0], meta.shape[1]
+    margins = []
+    for r in range(h.shape[0]):
+        s = int(slot[r])
+        margin = math.inf
+        if int(gate[r]) and 0 <= s < n_slots:
+            x = h64[r].clone()
+            x_in = x.clone()
+            ok = []
+            for e in range(n_edits):
+                code, ui, wi, ci = (int(v) for v in meta[s, e])
+                p = params[s, e].double()
+                cond = (code >> 16) & 0xF
+                if cond == L.COND_NONE or (code & 0xFF) == L.NONE:
+                    ok.append(True)
+                    continue
+                c = bank64[ci]
+                dot = float(x_in @ c)
+                if cond == L.COND_COSINE:
+                    den = float(x_in.norm() * c.norm())
+                    val = dot / den if den > 0 else 0.0
+                    val_scale = 1.0
+                else:
+                    val = dot + float(p[L.P_COND_BIAS])
+                    val_scale = float(x_in.norm() * c.norm()) + 1.0
+                margin = min(margin, abs(val - float(p[L.P_COND_THRESH])) / val_scale)
+                ok.append(val >= float(p[L.P_COND_THRESH]))
+            for e in range(n_edits):
+                code, ui, wi, ci = (int(v) for v in meta[s, e])
+                kind = code & 0xFF
+                if kind == L.NONE or not ok[e]:
+                    continue
+                p = [float(v) for v in params[s, e].double()]
+                before = float(x.norm())
+                if kind == L.ADD:
+                    x = x + p[0] * bank64[ui]
+                elif kind == L.CLAMP:
+                    u = bank64[ui]
+                    x = x + (p[0] - float(x @ u)) * u
+                elif kind == L.ABLATE:
+                    u = bank64[ui]
+                    x = x - float(x @ u) * u
+                elif kind == L.SCALE:
+                    x = p[0] * x
+                elif kind == L.FEATURE:
+                    pre = float(x @ bank64[ui]) + p[0]
+                    act = (code >> 12) & 0xF
+                    if act == L.ACT_JUMPRELU:
+                        margin = min(margin, abs(pre - p[1]) / (float(x.norm() * bank64[ui].norm()) + 1.0))
+                        z = pre if pre > p[1] else 0.0
+                    elif act == L.ACT_RELU:
+                        z = max(pre, 0.0)
+                    else:
+                        z = pre
+                    op = (code >> 8) & 0xF
+                    z_new = {L.FEAT_ADD: z + p[2], L.FEAT_SET: p[2], L.FEAT_SCALE: z * p[2]}.get(
+                        op, min(max(z, p[2]), p[3]))
+                    x = x + (z_new - z) * bank64[wi]
+                if code & L.PRESERVE_NORM:
+                    after = float(x.norm())
+                    if after > 0:
+                        x = x * (before / after)
+            h64[r] = x
+        margins.append(margin)
+    # the edited row as the model stores it
+    h_store = torch.where(_active(slot, gate, n_slots).unsqueeze(-1), h64.to(h.dtype), h)
+    if norm_kind == L.NORM_NONE:
+        return h64, None, margins
+    x = h_store.double()
+    w = None if weight is None else weight.double()
+    if norm_kind == L.NORM_RMS:
+        r = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+        out = r if w is None else r * (w + weight_offset)
+    else:
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        out = (x - mu) / torch.sqrt(var + eps)
+        if w is not None:
+            out = out * w
+        if bias is not None:
+            out = out + bias.double()
+    return h64, out, margins
+
+
+def _active(slot, gate, n_slots):
+    return (gate != 0) & (slot >= 0) & (slot < n_slots)
+
+
+def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_bank: int,
+                  kinds=None, with_conditions=True):
+    """Random slot tables exercising every edit kind, feature op, activation and condition."""
+    bank = torch.randn(n_bank, d, generator=gen)
+    # half the bank unit-norm (directions), half raw (steering vectors / SAE columns)
+    bank[: n_bank // 2] /= bank[: n_bank // 2].norm(dim=-1, keepdim=True)
+    meta = torch.full((n_slots, n_edits, 4), -1, dtype=torch.int32)
+    params = torch.zeros(n_slots, n_edits, 8)
+    kinds = kinds or [L.NONE, L.ADD, L.CLAMP, L.ABLATE, L.SCALE, L.FEATURE]
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    def rnd():
+        return float(torch.randn(1, generator=gen))
+
+    for s in range(n_slots):
+        for e in range(n_edits):
+            kind = kinds[rint(0, len(kinds))]
+            unit = rint(0, max(1, n_bank // 2))           # a unit-norm row
+            anyrow = rint(0, n_bank)
+            cond = rint(0, 3) if with_conditions else L.COND_NONE
+            code = L.pack_code(kind, feature_op=rint(0, 4), activation=rint(0, 3),
+                               condition=cond, preserve_norm=bool(rint(0, 4) == 0))
+            u = unit if kind in (L.CLAMP, L.ABLATE) else anyrow
+            meta[s, e] = torch.tensor([code, u, rint(0, n_bank), rint(0, n_bank) if cond else -1])
+            lo = rnd()
+            params[s, e] = torch.tensor([
+                rnd() * 2 if kind != L.SCALE else 0.5 + abs(rnd()),   # alpha / clamp value / scale / bias
+                abs(rnd()),                                            # JumpReLU threshold
+                lo,                                                    # feature value / clamp lo
+                lo + abs(rnd()),                                       # clamp hi
+                rnd() * 0.3 if cond == L.COND_COSINE else rnd(),       # condition threshold
+                rnd(), 0.0, 0.0])                                      # projection bias, spare
+    return meta, params, bank
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def assert_rows_close(actual, expected, dtype, rows, what, scale=None):
+    """Per-row max error relative to the row's magnitude (edits like ablation cancel)."""
+    tol = TOLERANCE[dtype]
+    for r in rows:
+        a, b = actual[r].double(), expected[r].double()
+        ref = scale[r] if scale is not None else float(b.abs().max()) + 1.0
+        err = float((a - b).abs().max())
+        assert err <= tol * (ref + 1.0), f"{what}: row {r} error {err:.3g} > {tol} * {ref + 1.0:.3g}"

@@ -1,0 +1,221 @@
+"""The fused steer+norm op: reference vs float64, cpu vs reference, on random inputs.
+
+Property tests over D (odd sizes included), rows, slots, edits of every kind,
+conditions, gates, dtypes and norm variants. Outputs are poisoned (NaN) before each
+run; rows with slot -1 or gate 0 must come back bitwise unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import fasteer.ops as ops
+from fasteer.ops import layout as L
+from steer_oracle import TOLERANCE, assert_rows_close, oracle, random_tables
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# name -> (norm_kind, has_weight, has_bias, weight_offset, cast_before_weight)
+NORMS = {
+    "rms_llama": (L.NORM_RMS, True, False, 0.0, True),
+    "rms_gemma": (L.NORM_RMS, True, False, 1.0, False),
+    "rms_olmo2": (L.NORM_RMS, True, False, 0.0, False),
+    "rms_plain": (L.NORM_RMS, False, False, 0.0, True),
+    "layer": (L.NORM_LAYER, True, True, 0.0, True),
+    "layer_plain": (L.NORM_LAYER, False, False, 0.0, True),
+    "none": (L.NORM_NONE, False, False, 0.0, True),
+}
+BACKENDS = ["cpu"]
+
+
+def make_case(seed, n, d, n_slots, n_edits, dtype, norm):
+    gen = torch.Generator().manual_seed(seed)
+    norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
+    h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
+    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6)
+    slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
+    if n_slots == 0:
+        slot.fill_(-1)
+    gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)
+    weight = (torch.randn(d, generator=gen) * 0.5 + 1).to(dtype) if has_w else None
+    bias = (torch.randn(d, generator=gen) * 0.1).to(dtype) if has_b else None
+    return dict(h=h, slot=slot, gate=gate, meta=meta, params=params, bank=bank, weight=weight,
+                bias=bias, norm_kind=norm_kind, eps=1e-5, weight_offset=offset,
+                cast_before_weight=cbw)
+
+
+def run_backend(case, backend):
+    h = case["h"].clone()
+    args = (case["slot"], case["gate"], case["meta"], case["params"], case["bank"])
+    if case["norm_kind"] == L.NORM_NONE:
+        ops.steer_(h, *args, backend=backend)
+        return h, None
+    out = torch.full_like(h, float("nan"))   # poisoned: every element must be written
+    ops.steer_norm_(h, out, *args, case["weight"], case["bias"], norm_kind=case["norm_kind"],
+                    eps=case["eps"], weight_offset=case["weight_offset"],
+                    cast_before_weight=case["cast_before_weight"], backend=backend)
+    return h, out
+
+
+def check_against_oracle(case, h_new, out):
+    h64, out64, margins = oracle(case["h"], case["slot"], case["gate"], case["meta"],
+                                 case["params"], case["bank"], case["weight"], case["bias"],
+                                 case["norm_kind"], case["eps"], case["weight_offset"],
+                                 case["cast_before_weight"])
+    dtype = case["h"].dtype
+    rows = [r for r, m in enumerate(margins) if m > 1e-3]
+    assume(len(rows) >= max(1, len(margins) // 2))
+    scale = [float(case["h"][r].double().abs().max() + h64[r].abs().max()) for r in range(len(margins))]
+    assert_rows_close(h_new, h64, dtype, rows, "edited h", scale)
+    if out is not None:
+        assert not torch.isnan(out).any(), "out: some elements were not written"
+        assert_rows_close(out, out64, dtype, rows, "norm output")
+
+
+def check_untouched_rows(case, h_new):
+    inactive = (case["gate"] == 0) | (case["slot"] < 0) | (case["slot"] >= case["meta"].shape[0])
+    if case["meta"].shape[1] == 0:
+        inactive[:] = True
+    assert torch.equal(h_new[inactive], case["h"][inactive]), "untouched rows must be bitwise unchanged"
+
+
+case_strategy = dict(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 9),
+    d=st.sampled_from([1, 2, 7, 33, 64, 127, 4099]) | st.integers(1, 300),
+    n_slots=st.integers(0, 4),
+    n_edits=st.integers(0, 3),
+    dtype=st.sampled_from(DTYPES),
+    norm=st.sampled_from(sorted(NORMS)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(**case_strategy)
+def test_reference_matches_float64(seed, n, d, n_slots, n_edits, dtype, norm):
+    case = make_case(seed, n, d, n_slots, n_edits, dtype, norm)
+    h_new, out = run_backend(case, "reference")
+    check_untouched_rows(case, h_new)
+    check_against_oracle(case, h_new, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(**case_strategy)
+def test_backend_matches_reference_and_float64(backend, seed, n, d, n_slots, n_edits, dtype, norm):
+    case = make_case(seed, n, d, n_slots, n_edits, dtype, norm)
+    h_ref, out_ref = run_backend(case, "reference")
+    h_new, out = run_backend(case, backend)
+    check_untouched_rows(case, h_new)
+    tol = TOLERANCE[dtype]
+    _, _, margins = oracle(case["h"], case["slot"], case["gate"], case["meta"], case["params"],
+                           case["bank"], case["weight"], case["bias"], case["norm_kind"],
+                           case["eps"], case["weight_offset"], case["cast_before_weight"])
+    rows = [r for r, m in enumerate(margins) if m > 1e-3]
+    assume(len(rows) >= max(1, n // 2))
+    scale = [float(case["h"][r].double().abs().max() + h_ref[r].double().abs().max()) for r in range(n)]
+    assert_rows_close(h_new, h_ref, dtype, rows, f"{backend} vs reference: edited h", scale)
+    if out is not None:
+        assert not torch.isnan(out).any()
+        assert_rows_close(out, out_ref, dtype, rows, f"{backend} vs reference: norm output")
+    check_against_oracle(case, h_new, out)
+    del tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_many_rows_threads(backend, dtype):
+    """Prefill-sized work is split across threads; results must not depend on the split."""
+    torch.set_num_threads(2)
+    case = make_case(1234, 700, 257, 3, 2, dtype, "rms_llama")
+    h_ref, out_ref = run_backend(case, "reference")
+    h_new, out = run_backend(case, backend)
+    check_untouched_rows(case, h_new)
+    rows = range(700)
+    scale = [float(case["h"][r].double().abs().max() + h_ref[r].double().abs().max()) + 1 for r in rows]
+    assert_rows_close(h_new, h_ref, dtype, rows, "edited h", scale)
+    assert_rows_close(out, out_ref, dtype, rows, "norm output")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_slot_at_or_beyond_table_is_untouched(backend):
+    """Without validation, slots >= S are treated as untouched (never read out of bounds)."""
+    case = make_case(7, 6, 40, 2, 2, torch.float32, "rms_llama")
+    case["slot"] = torch.tensor([2, 3, 100, -1, 0, 1], dtype=torch.int32)
+    case["gate"] = torch.ones(6, dtype=torch.uint8)
+    h = case["h"].clone()
+    out = torch.empty_like(h)
+    ops.steer_norm_(h, out, case["slot"], case["gate"], case["meta"], case["params"], case["bank"],
+                    case["weight"], norm_kind=L.NORM_RMS, backend=backend, validate=False)
+    assert torch.equal(h[:4], case["h"][:4])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unsteered_norm_matches_hf_modules(backend, dtype):
+    """Empty slot tables: the fused norm equals Hugging Face's own norm modules."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(3)
+    d = 96
+    h = torch.randn(5, 3, d).to(dtype)
+    empty = (torch.full((5, 3), -1, dtype=torch.int32), torch.ones(5, 3, dtype=torch.uint8),
+             torch.zeros(0, 0, 4, dtype=torch.int32), torch.zeros(0, 0, 8), torch.zeros(0, d))
+    llama = LlamaRMSNorm(d, eps=1e-6).to(dtype)
+    gemma = GemmaRMSNorm(d, eps=1e-6).to(dtype)
+    layer = torch.nn.LayerNorm(d, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        for mod in (llama, gemma, layer):
+            mod.weight.normal_(0.2, 0.5)
+        layer.bias.normal_(0, 0.1)
+    variants = [
+        (llama, dict(norm_kind=L.NORM_RMS, eps=1e-6), llama.weight, None),
+        (gemma, dict(norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=1.0, cast_before_weight=False),
+         gemma.weight, None),
+        (layer, dict(norm_kind=L.NORM_LAYER, eps=1e-5), layer.weight, layer.bias),
+    ]
+    for mod, kw, w, b in variants:
+        with torch.no_grad():
+            expected = mod(h)
+            out = torch.full_like(h, float("nan"))
+            hh = h.clone()
+            ops.steer_norm_(hh, out, *empty, w.detach(), None if b is None else b.detach(),
+                            backend=backend, **kw)
+        assert torch.equal(hh, h)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        err = ((out.double() - expected.double()).abs() / (expected.double().abs() + 1)).max()
+        assert err <= tol, f"{type(mod).__name__}: {err}"
+
+
+def test_reference_autograd_flows_to_alpha():
+    """The out-of-place op differentiates through the tables (e.g. learning alpha)."""
+    torch.manual_seed(0)
+    d = 16
+    h = torch.randn(4, d, requires_grad=True)
+    meta = torch.tensor([[[L.ADD, 0, -1, -1]]], dtype=torch.int32)
+    params = torch.zeros(1, 1, 8)
+    params[0, 0, 0] = 1.5
+    params.requires_grad_(True)
+    bank = torch.randn(1, d)
+    slot = torch.zeros(4, dtype=torch.int32)
+    gate = torch.ones(4, dtype=torch.uint8)
+    h_new, out = ops.steer_norm(h, slot, gate, meta, params, bank, torch.ones(d), validate=False)
+    (out.sum() + h_new.pow(2).sum()).backward()
+    assert params.grad is not None and params.grad[0, 0, 0] != 0
+    expected = 2 * (h.detach() + 1.5 * bank[0]) @ bank[0]
+    # d/d alpha of sum(h_new^2) alone:
+    params.grad = None
+    h_new, _ = ops.steer_norm(h, slot, gate, meta, params, bank, norm_kind=L.NORM_NONE, validate=False)
+    h_new.pow(2).sum().backward()
+    assert math.isclose(float(params.grad[0, 0, 0]), float(expected.sum()), rel_tol=1e-4)
+
+
+def test_layout_constants_match_cpp():
+    from fasteer.ops.dispatch import cpu_module
+    consts = cpu_module().layout_constants()
+    for name, value in consts.items():
+        assert getattr(L, name) == value, name
