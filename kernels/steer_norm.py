@@ -69,6 +69,22 @@ MAX_BLOCK_D = 65536
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 -> ``dtype`` rounded to nearest even (what torch's ``.to`` does).
+
+    Triton's interpreter truncates float32 -> bfloat16 (its ``.to`` drops the low bits),
+    so on that path the rounding is done on the bits; compiled code uses the hardware
+    conversion, which already rounds to nearest even. Same result for finite values.
+    """
+    if SOFT_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _load_vector(bank_ptr, index, D, offs, dmask):
     """Bank row ``index`` as float32 (int64 offsets: V * D may exceed 2**31)."""
     return tl.load(bank_ptr + index.to(tl.int64) * D + offs, mask=dmask, other=0.0)
@@ -99,7 +115,7 @@ def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
         u = _load_vector(bank_ptr, tl.load(meta_e + 1), D, offs, dmask)
         hu = tl.sum(x * u, axis=0)
         if kind == KIND_CLAMP:
-            x_new = x + (a - hu) * u
+            x_new = x + (a + hu) * u
         elif kind == KIND_ABLATE:
             x_new = x - hu * u
         elif kind == KIND_FEATURE:
@@ -158,7 +174,7 @@ def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, 
                       D, stride_h, stride_out, n_slots, n_edits, eps, weight_offset,
                       BLOCK_D: tl.constexpr, NORM_KIND: tl.constexpr, HAS_EDITS: tl.constexpr,
                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CAST_BEFORE_WEIGHT: tl.constexpr):
+                      CAST_BEFORE_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr):
     """Grid: (N,). Program ``row`` edits h[row] in place (if its slot and gate say so)
     and, unless NORM_KIND is NORM_NONE, writes norm(h[row]) into out[row]."""
     row = tl.program_id(0).to(tl.int64)
@@ -174,7 +190,7 @@ def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, 
         if (gate != 0) & (slot >= 0) & (slot < n_slots):
             x = _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs,
                              dmask)
-            x_rounded = x.to(dtype)
+            x_rounded = _round(x, dtype, SOFT_BF16)
             tl.store(h_row + offs, x_rounded, mask=dmask)
             # the norm reads the row as stored, like a separate norm kernel would
             x = x_rounded.to(tl.float32)
@@ -186,7 +202,7 @@ def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, 
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + offs, mask=dmask, other=0.0).to(tl.float32) + weight_offset
                 if CAST_BEFORE_WEIGHT:
-                    y = w * y.to(dtype).to(tl.float32)
+                    y = w * _round(y, dtype, SOFT_BF16).to(tl.float32)
                 else:
                     y = y * w
         else:
@@ -198,4 +214,4 @@ def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, 
                 y = y * tl.load(weight_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y = y + tl.load(bias_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + offs, y.to(dtype), mask=dmask)
+        tl.store(out_ptr + row * stride_out + offs, _round(y, dtype, SOFT_BF16), mask=dmask)

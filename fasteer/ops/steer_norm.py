@@ -206,6 +206,14 @@ def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
 
 # --------------------------------------------------------------------------- public API
 
+def _eager() -> bool:
+    """True outside torch.compile tracing: then the op's implementation is called
+    directly, skipping the dispatcher round trip (~8 µs per call on the CPU), which
+    matters at decode sizes where a carrier's whole work is a few µs. Under tracing the
+    registered library op is used, so compiled graphs hold one opaque call."""
+    return not torch.compiler.is_compiling()
+
+
 def steer_norm_(h: torch.Tensor, out: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor,
                 meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor,
                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
@@ -226,9 +234,13 @@ def steer_norm_(h: torch.Tensor, out: torch.Tensor, slot: torch.Tensor, gate: to
         _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
         if norm_kind == L.NORM_NONE:
             raise ValueError("norm_kind: steer_norm_ needs a norm; use steer_ to edit only")
-    torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
-                                  int(norm_kind), float(eps), float(weight_offset),
-                                  bool(cast_before_weight), dispatch.requested_backend(backend))
+    if _eager():
+        _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                         weight_offset, cast_before_weight, dispatch.requested_backend(backend))
+    else:
+        torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
+                                      int(norm_kind), float(eps), float(weight_offset),
+                                      bool(cast_before_weight), dispatch.requested_backend(backend))
     return out
 
 
@@ -238,7 +250,10 @@ def steer_(h: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, meta: torch.
     """Edit ``h`` [..., D] in place from the slot tables (no norm). Returns ``h``."""
     if validate:
         _validate_call(h, None, slot, gate, meta, params, bank, None, None, L.NORM_NONE)
-    torch.ops.fasteer.steer_(h, slot, gate, meta, params, bank, dispatch.requested_backend(backend))
+    if _eager():
+        _steer_impl(h, slot, gate, meta, params, bank, dispatch.requested_backend(backend))
+    else:
+        torch.ops.fasteer.steer_(h, slot, gate, meta, params, bank, dispatch.requested_backend(backend))
     return h
 
 

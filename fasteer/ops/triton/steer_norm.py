@@ -67,5 +67,6 @@ def steer_norm_triton(h2: torch.Tensor, out2: torch.Tensor | None, slot: torch.T
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and norm_kind == L.NORM_LAYER,
             CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+            SOFT_BF16=not h2.is_cuda,  # the interpreter's bf16 conversion truncates
             num_warps=_num_warps(block_d),
         )
