@@ -7,12 +7,16 @@ Public ops:
         edit h in place, no norm (hook carriers)
     steer_norm(...)
         out of place with autograd (reference math)
+    sae_replace_(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, ...)
+        full SAE encode -> latent edits -> decode at a site, in place (TopK SAEs,
+        edits without the error term)
 Backends: reference, cpu (fasteer._C), triton (fasteer.kernels), cuda (fasteer._cuda);
 see `backend_status()` and `fasteer info`.
 """
 from . import layout
 from .dispatch import BACKENDS, backend_status
+from .sae_replace import sae_replace_
 from .steer_norm import steer_, steer_norm, steer_norm_, validate_tables
 
-__all__ = ["BACKENDS", "backend_status", "layout", "steer_", "steer_norm", "steer_norm_",
-           "validate_tables"]
+__all__ = ["BACKENDS", "backend_status", "layout", "sae_replace_", "steer_", "steer_norm",
+           "steer_norm_", "validate_tables"]

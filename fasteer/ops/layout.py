@@ -45,6 +45,8 @@ An edit whose condition fails is skipped. Then, with u = bank[u], w = bank[w]:
                                                   input scaling folded in, p0: bias)
               z   = act(pre)                     relu: max(pre, 0)
                                                  jumprelu: pre if pre > p1 else 0
+                                                 (lowering stores p1 = max(theta, 0), so
+                                                 this is relu(pre) * [pre > theta])
                                                  linear: pre
               z'  = op(z)                        add: z + p2   set: p2
                                                  scale: z * p2 clamp: min(max(z, p2), p3)
@@ -78,10 +80,11 @@ FEAT_SET = 1
 FEAT_SCALE = 2
 FEAT_CLAMP = 3
 
-# SAE activations (bits 12-15)
+# SAE activations (bits 12-15; ACT_TOPK only in the full SAE op, never in a code word)
 ACT_RELU = 0
 ACT_JUMPRELU = 1
 ACT_LINEAR = 2
+ACT_TOPK = 3
 
 # conditions (bits 16-19)
 COND_NONE = 0
@@ -106,7 +109,7 @@ P_A, P_B, P_C, P_D, P_COND_THRESH, P_COND_BIAS = range(6)
 KIND_NAMES = {NONE: "none", ADD: "add", CLAMP: "clamp", ABLATE: "ablate", SCALE: "scale",
               FEATURE: "feature"}
 FEATURE_OPS = {"add": FEAT_ADD, "set": FEAT_SET, "scale": FEAT_SCALE, "clamp": FEAT_CLAMP}
-ACTIVATIONS = {"relu": ACT_RELU, "jumprelu": ACT_JUMPRELU, "linear": ACT_LINEAR}
+ACTIVATIONS = {"relu": ACT_RELU, "jumprelu": ACT_JUMPRELU, "linear": ACT_LINEAR, "topk": ACT_TOPK}
 CONDITIONS = {"none": COND_NONE, "cosine": COND_COSINE, "projection": COND_PROJ}
 
 
