@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 # Mirrors of fasteer.ops.layout, as compile-time constants (kernels import nothing
-# from the package so that they stay model- and dispatch-agnostic).
+# from the package so that they stay model- and dispatch-agnostic; a test checks the
+# values). FEAT_CLAMP, ACT_LINEAR and COND_PROJ are the fall-through branches.
 KIND_NONE: tl.constexpr = tl.constexpr(0)
 KIND_ADD: tl.constexpr = tl.constexpr(1)
 KIND_CLAMP: tl.constexpr = tl.constexpr(2)
@@ -115,7 +116,7 @@ def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
         u = _load_vector(bank_ptr, tl.load(meta_e + 1), D, offs, dmask)
         hu = tl.sum(x * u, axis=0)
         if kind == KIND_CLAMP:
-            x_new = x + (a + hu) * u
+            x_new = x + (a - hu) * u
         elif kind == KIND_ABLATE:
             x_new = x - hu * u
         elif kind == KIND_FEATURE:
@@ -141,7 +142,10 @@ def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
 @triton.jit
 def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs, dmask):
     """All edits of ``slot`` in order on the float32 row ``x``."""
-    for e in range(n_edits):
+    # a while loop rather than range(n_edits): same code once compiled (a runtime-bound
+    # loop), and Triton 3.6's interpreter cannot range() over a runtime scalar
+    e = n_edits * 0
+    while e < n_edits:
         entry = slot * n_edits + e
         meta_e = meta_ptr + entry * META_WIDTH
         params_e = params_ptr + entry * PARAM_WIDTH
@@ -163,6 +167,7 @@ def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, off
                 x_new = tl.where(after > 0.0, x_new * (before / tl.where(after > 0.0, after, 1.0)),
                                  x_new)
             x = x_new
+        e += 1
     return x
 
 

@@ -390,6 +390,22 @@ def test_strided_rows_and_out_of_range_slot(dtype):
     assert_close(out, expected_out, TOL_BACKENDS[dtype], "strided out")
 
 
+def test_kernel_constants_mirror_the_layout():
+    """The kernel module imports nothing from fasteer: its copies of the layout's
+    numbers must stay equal to the contract."""
+    pairs = {"KIND_NONE": L.NONE, "KIND_ADD": L.ADD, "KIND_CLAMP": L.CLAMP,
+             "KIND_ABLATE": L.ABLATE, "KIND_SCALE": L.SCALE, "KIND_FEATURE": L.FEATURE,
+             "FEAT_ADD": L.FEAT_ADD, "FEAT_SET": L.FEAT_SET, "FEAT_SCALE": L.FEAT_SCALE,
+             "ACT_RELU": L.ACT_RELU, "ACT_JUMPRELU": L.ACT_JUMPRELU, "COND_NONE": L.COND_NONE,
+             "COND_COSINE": L.COND_COSINE, "PRESERVE_NORM": L.PRESERVE_NORM,
+             "NORM_NONE": L.NORM_NONE, "NORM_RMS": L.NORM_RMS, "NORM_LAYER": L.NORM_LAYER,
+             "META_WIDTH": L.META_WIDTH, "PARAM_WIDTH": L.PARAM_WIDTH}
+    for name, value in pairs.items():
+        assert getattr(_kernels, name).value == value, name
+    # the kernel's fall-through branches stand for the last value of each field
+    assert L.FEAT_CLAMP == 3 and L.ACT_LINEAR == 2 and L.COND_PROJ == 2
+
+
 def test_too_wide_rows_raise_before_writing():
     hidden = _kernels.MAX_BLOCK_D + 1
     h = torch.ones(1, hidden)
@@ -444,7 +460,8 @@ def test_kernel_compiles_for_gpus(tmp_path):
     from fasteer.ops.triton.steer_norm import _num_warps
     cases = [(dt, block, norm, cap, _num_warps(block))
              for dt, block, norm, cap in [("bf16", 4096, L.NORM_RMS, 80), ("fp16", 8192, L.NORM_LAYER, 90),
-                                          ("fp32", 2048, L.NORM_NONE, 90), ("bf16", 1024, L.NORM_RMS, 90)]]
+                                          ("fp32", 2048, L.NORM_NONE, 90), ("bf16", 1024, L.NORM_RMS, 90),
+                                          ("fp32", 1, L.NORM_LAYER, 80)]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     repo = str(Path(__file__).resolve().parents[1])
@@ -455,5 +472,6 @@ def test_kernel_compiles_for_gpus(tmp_path):
     if "api" in result:
         pytest.skip(f"this Triton's compile API differs ({result['api']})")
     for entry in result["report"]:
-        assert entry["v4_loads"] > 0, f"{entry['case']}: no 16-byte loads"
+        if entry["case"][1] >= 1024:  # rows too short give each thread < 16 bytes
+            assert entry["v4_loads"] > 0, f"{entry['case']}: no 16-byte loads"
         assert entry["local"] == 0, f"{entry['case']}: local memory (spills) at a small D"

@@ -11,8 +11,10 @@ The layer-index convention (read from the sources, not guessed)
 --------------------------------------------------------------
 * llama.cpp, ``common/common.cpp`` ``common_control_vector_load_one``: parses ``N`` out of
   ``direction.N``, **rejects N == 0** ("invalid (zero) direction tensor layer index": the whole
-  file is skipped) and rejects non-F32 / non-1-D tensors; it stores ``direction.N`` at offset
-  ``n_embd * (N - 1)`` of a flat buffer ("layer 1 at [0]").
+  file is skipped; the check is the same in the older ``llama_control_vector_load`` and the
+  current ``common_control_vector_load_one``) and rejects non-F32 / non-1-D tensors; it stores
+  ``direction.N`` at offset ``n_embd * (N - 1)`` of a flat buffer ("layer 1 at [0]").  It
+  does not read ``model_hint`` or ``layer_count`` at all.
 * llama.cpp, ``src/llama-adapter.cpp`` ``llama_adapter_cvec::apply``: fills ``tensors[il]`` for
   ``il = 1 .. n_layer-1`` from offset ``n_embd * (il - 1)`` (``tensors[0]`` is always null:
   "there's never a tensor for layer 0").  The two ``-1`` cancel: **direction.N steers block
@@ -223,6 +225,8 @@ def read_gguf(
             raise ValueError(f"{path}: unexpected tensor {name!r}; control vectors hold 'direction.<N>' tensors")
         if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, expected F32")
+        if data.size != int(np.prod(shape)):
+            raise ValueError(f"{path}: tensor {name!r} is truncated ({data.size} of {int(np.prod(shape))} values)")
         if len(shape) != 1:
             raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected a 1-D [n_embd] vector")
         directions[int(m.group(1))] = data.reshape(-1).astype(np.float32)
@@ -248,6 +252,7 @@ def read_gguf(
         if hint:
             metadata["model_type"] = hint
         metadata["source_format"] = "gguf"
+        metadata["created"] = None  # the file does not say; don't stamp it with the load time
     try:
         vector = SteeringVector(directions, site="resid_post", metadata=metadata, dtype=dtype)
     except (TypeError, ValueError) as exc:

@@ -66,7 +66,7 @@ def from_repeng(control_vector: Any, *, num_layers: int | None = None) -> Steeri
     return SteeringVector(
         layers,
         site="resid_post",
-        metadata={"model_type": model_type, "method": "repeng", "source_format": "repeng"},
+        metadata={"model_type": model_type, "method": "repeng", "source_format": "repeng", "created": None},
     )
 
 
@@ -88,7 +88,7 @@ def from_steering_vectors(steering_vector: Any, *, num_layers: int | None = None
     return SteeringVector(
         layers,
         site="resid_post",
-        metadata={"method": "steering-vectors", "source_format": "steering-vectors"},
+        metadata={"method": "steering-vectors", "source_format": "steering-vectors", "created": None},
     )
 
 

@@ -254,6 +254,9 @@ class SteeringVector:
             layer: t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
             for layer, t in self._directions.items()
         }
+        for layer, t in out._directions.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"dtype: layer {layer} does not fit in {t.dtype} (values overflow to inf)")
         out._site = self._site
         out._metadata = self.metadata
         return out
