@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -53,4 +54,27 @@ PYBIND11_MODULE(_cuda, m) {
               "add_rows launch");
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "steer_norm",
+      [](uintptr_t h, uintptr_t out, int64_t n, int64_t d, int64_t h_stride, int64_t out_stride,
+         int32_t dtype, uintptr_t slot, uintptr_t gate, uintptr_t meta, uintptr_t params,
+         uintptr_t bank, int64_t s, int64_t e, int64_t v, uintptr_t weight, uintptr_t bias,
+         int32_t norm_kind, double eps, double weight_offset, bool cast_before_weight,
+         uintptr_t stream) {
+        check(fasteer::cuda::launch_steer_norm(
+                  reinterpret_cast<void*>(h), reinterpret_cast<void*>(out), n, d, h_stride,
+                  out_stride, dtype, reinterpret_cast<const int32_t*>(slot),
+                  reinterpret_cast<const uint8_t*>(gate), reinterpret_cast<const int32_t*>(meta),
+                  reinterpret_cast<const float*>(params), reinterpret_cast<const float*>(bank), s,
+                  e, v, reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(bias),
+                  norm_kind, float(eps), float(weight_offset), cast_before_weight, stream),
+              "steer_norm launch");
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused steer+norm over n rows on `stream` (a cudaStream_t as an integer). Arguments as "
+      "fasteer._C.steer_norm, with the stream in place of num_threads.");
+  m.def("limits", [] {
+    return std::map<std::string, int64_t>{{"max_register_row", fasteer::cuda::kMaxRegisterRow},
+                                          {"max_loop_edits", fasteer::cuda::kMaxLoopEdits}};
+  }, "Sizes past which the steer_norm kernel changes strategy or refuses (see launch.h).");
 }
