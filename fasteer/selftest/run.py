@@ -106,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_steer_norm
         _log("[4] kernel benchmark (bf16, D=4096)")
         report["bench"] = bench_steer_norm(backends)
+        if "triton" in backends:
+            from .bench import copy_bandwidth
+            from .sae import bench_sae
+            copy = copy_bandwidth()
+            report["bench_sae"] = [dict(r, fraction_of_copy=r["weight_gbps"] / copy)
+                                   for r in bench_sae("triton")]
+            for r in report["bench_sae"]:
+                _log(f"    sae_replace act {r['activation']} D={r['d']} F={r['d_sae']} 1 row: "
+                     f"{r['us']:.1f} µs, weights {r['weight_gbps']:.0f} GB/s "
+                     f"({100 * r['fraction_of_copy']:.0f}% of copy)")
         for r in report["bench"]:
             g = r["graph_us"]
             g = f"{g:8.2f}" if isinstance(g, float) else str(g)
