@@ -36,3 +36,9 @@ def test_kernel_checks_catch_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(cpu_mod, "steer_norm_cpu", broken)
     recs = check_steer_norm(["cpu"], "cpu", [(5, 33)], [torch.float32], lambda m: None)
     assert not all(r["ok"] for r in recs)
+
+
+def test_sae_checks_pass_on_cpu_backend():
+    from fasteer.selftest.sae import check_sae
+    recs = check_sae(["cpu"], "cpu", print, sizes=[(3, 33, 101), (20, 16, 50)])
+    assert len(recs) == 6 and all(r["ok"] for r in recs), recs

@@ -34,15 +34,16 @@ def _case(n, d, f, dtype, act, device, seed):
     return h, (slot, gate, w_enc, b_enc, w_dec, b_dec, thr, feat, code, val, keep)
 
 
-def check_sae(backends, device, log, quick=False):
-    sizes = [(1, 4096, 16384), (16, 4096, 65536), (64, 2304, 16384), (1, 8192, 131072)]
-    if quick:
-        sizes = [(1, 4096, 16384), (64, 2304, 16384)]
+def check_sae(backends, device, log, quick=False, sizes=None):
+    if sizes is None:
+        sizes = [(1, 4096, 16384), (16, 4096, 65536), (64, 2304, 16384), (1, 8192, 131072)]
+        if quick:
+            sizes = [(1, 4096, 16384), (64, 2304, 16384)]
     acts = [L.ACT_RELU, L.ACT_JUMPRELU, L.ACT_TOPK]
     results = []
     for (n, d, f), act, dtype in itertools.product(sizes, acts, (torch.bfloat16,)):
         h, args = _case(n, d, f, dtype, act, device, seed=n + d + f + act)
-        k = 64
+        k = min(64, f // 2)
         ref = h.clone()
         sae_replace_(ref, *args, activation=act, k=k, in_scale=1.0, backend="reference")
         for backend in backends:
