@@ -1,4 +1,10 @@
 """fasteer: activation steering fused into the kernels a model already runs."""
 from ._version import __version__
+from .interventions import Ablate, Add, Clamp, Condition, Cosine, Projection, Scale
+from .patch import Steerer, patch, steer
+from .sae import SAE
+from .vectors import SteeringVector
+from . import extract
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "Ablate", "Add", "Clamp", "Condition", "Cosine", "Projection", "Scale",
+           "SAE", "Steerer", "SteeringVector", "extract", "patch", "steer"]

@@ -1,11 +1,50 @@
 """Where the residual stream can be read and edited in a Hugging Face model.
 
-(First cut: only the decoder-layer lookup. The architecture table of carriers
-lands with the patch layer.)
+A *site* names a point of the residual stream (``resid_pre[l]``, ``resid_mid[l]``,
+``resid_post[l]`` == ``resid_pre[l+1]``); a *carrier* is the module that does the work
+there. This module holds the one table that says, per architecture, which module reads
+each point, and resolves it against a live model (`model_sites`).
+
+Why a table keyed by ``config.model_type`` and not introspection: which norm reads which
+point is a fact of each architecture's ``forward`` (Gemma-2 normalises the attention
+*output* with ``post_attention_layernorm`` and reads the stream with
+``pre_feedforward_layernorm``; OLMo-2 has no norm in front of its sublayers at all;
+GPT-NeoX/Falcon parallel blocks read one point with two norms). Module names cannot tell
+these apart, so every entry below was read off the transformers source, and the tests
+check each one against a forward-hook reference.
+
+Stream points: the carriers are keyed by *stream points* ``("pre", l)`` for
+``l = 0..L`` (``("pre", L)`` is the input of the final norm, i.e. ``resid_post[L-1]``)
+and ``("mid", l)``. ``resid_post[l]`` and ``resid_pre[l+1]`` are the same point, so they
+share one carrier.
+
+Carrier kinds (see `fasteer.patch`):
+* ``norm``   -- the pre-norm that reads the point; its forward is replaced by the fused
+  steer+norm op, which edits the incoming tensor in place (the layer's ``residual``
+  variable is that same tensor) and returns the norm.
+* ``input``  -- a forward pre-hook on a module whose first input *is* the stream tensor
+  (the decoder layer itself, or OLMo-2's ``mlp``); edits it in place.
+* ``output`` -- a forward hook on the last decoder layer, editing its output in place
+  (``resid_post`` of the last layer when the final norm is unknown).
+Post-norm carriers (adding to the output of OLMo-2 / Gemma-2 ``post_*_layernorm``) are
+not used: Gemma-2/3 have a pre-norm reading every point, and for OLMo-2 a post-norm
+carrier would cost the same one extra launch as an ``input`` hook while supporting only
+h-independent edits, so the table uses ``input`` hooks there.
+
+Unknown model types fall back to ``input``/``output`` hooks on the decoder layers, with
+one warning; ``resid_mid`` is then unavailable (it lies inside the layer).
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
 import torch.nn as nn
+
+from .ops import layout as L
+
+SITES = ("resid_pre", "resid_mid", "resid_post")
 
 # Attribute paths (from the top-level CausalLM module) of the decoder-layer list,
 # tried in order. Covers the HF families fasteer knows.
@@ -16,24 +55,276 @@ _LAYER_PATHS = (
     "gpt_neox.layers",       # GPT-NeoX / Pythia
     "model.decoder.layers",  # OPT-style
     "layers",                # a bare decoder stack
+    "h",                     # a bare GPT-2 / Falcon base model
 )
 
 
 def _get_attr_path(obj, path: str):
     for name in path.split("."):
+        if not name:
+            continue
         obj = getattr(obj, name, None)
         if obj is None:
             return None
     return obj
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """Return the list of decoder layers of a HF causal LM (or its base model)."""
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in _LAYER_PATHS:
         layers = _get_attr_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
+            return path, layers
     raise ValueError(
         f"model: cannot find the decoder layers of {type(model).__name__}; "
         f"looked for {', '.join(_LAYER_PATHS)}"
     )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Return the list of decoder layers of a HF causal LM (or its base model)."""
+    return _find_layers(model)[1]
+
+
+# --------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class NormFlavour:
+    """How a norm module computes, in the terms of `fasteer.ops.layout`."""
+    norm_kind: int            # L.NORM_RMS or L.NORM_LAYER
+    eps_attr: str             # attribute holding epsilon
+    weight_offset: float = 0.0
+    cast_before_weight: bool = True
+    class_hint: str = ""      # substring the module's class name must contain ("" = LayerNorm)
+
+
+# LlamaRMSNorm and its copies: weight * round(x * rsqrt(mean(x^2) + eps)).
+RMS_LLAMA = NormFlavour(L.NORM_RMS, "variance_epsilon", 0.0, True, "RMSNorm")
+# GemmaRMSNorm (1, 2, 3): round(x * rsqrt(...) * (1 + w)) in float32.
+RMS_GEMMA = NormFlavour(L.NORM_RMS, "eps", 1.0, False, "RMSNorm")
+# Olmo2RMSNorm: round(w * x * rsqrt(...)) in float32.
+RMS_OLMO2 = NormFlavour(L.NORM_RMS, "variance_epsilon", 0.0, False, "RMSNorm")
+# torch.nn.LayerNorm (GPT-2, GPT-NeoX, Falcon).
+LAYER_NORM = NormFlavour(L.NORM_LAYER, "eps")
+
+
+@dataclass(frozen=True)
+class CarrierSpec:
+    kind: str                       # "norm" | "input" | "output"
+    path: str                       # module path relative to the layer (final: to the base model)
+    flavour: NormFlavour | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    resid_pre: CarrierSpec          # per layer, relative to the layer
+    resid_mid: CarrierSpec | None   # None: the point does not exist (parallel residual)
+    final: CarrierSpec | None       # reads resid_post of the last layer; relative to the base model
+    no_mid_reason: str = ""
+
+
+def _norm(path: str, flavour: NormFlavour) -> CarrierSpec:
+    return CarrierSpec("norm", path, flavour)
+
+
+_LAYER_INPUT = CarrierSpec("input", "")
+
+
+def _llama_like(name: str, flavour: NormFlavour = RMS_LLAMA) -> Callable[[object], ArchSpec]:
+    # residual = h; h = input_layernorm(h); ...; h = residual + attn
+    # residual = h; h = post_attention_layernorm(h); ...; h = residual + mlp
+    spec = ArchSpec(name, _norm("input_layernorm", flavour),
+                    _norm("post_attention_layernorm", flavour), _norm("norm", flavour))
+    return lambda config: spec
+
+
+def _gemma2_like(name: str) -> Callable[[object], ArchSpec]:
+    # post_attention_layernorm normalises the attention *output*; the stream after the
+    # attention add is read by pre_feedforward_layernorm.
+    spec = ArchSpec(name, _norm("input_layernorm", RMS_GEMMA),
+                    _norm("pre_feedforward_layernorm", RMS_GEMMA), _norm("norm", RMS_GEMMA))
+    return lambda config: spec
+
+
+def _olmo2(config) -> ArchSpec:
+    # No norm reads the stream inside a layer: self_attn(h) and mlp(h) read it raw, and
+    # `residual = h` is the same tensor, so an in-place pre-hook edit reaches the stream.
+    return ArchSpec("olmo2", _LAYER_INPUT, CarrierSpec("input", "mlp"), _norm("norm", RMS_OLMO2))
+
+
+def _gpt2(config) -> ArchSpec:
+    return ArchSpec("gpt2", _norm("ln_1", LAYER_NORM), _norm("ln_2", LAYER_NORM),
+                    _norm("ln_f", LAYER_NORM))
+
+
+def _gpt_neox(config) -> ArchSpec:
+    # attention(input_layernorm(h)) runs first; a parallel block then reads the same
+    # (already edited) h with post_attention_layernorm, so only the first norm edits.
+    if getattr(config, "use_parallel_residual", True):
+        return ArchSpec("gpt_neox (parallel residual)", _norm("input_layernorm", LAYER_NORM), None,
+                        _norm("final_layer_norm", LAYER_NORM),
+                        "GPT-NeoX with use_parallel_residual=True adds attention and MLP "
+                        "to the stream together, so there is no point after attention")
+    return ArchSpec("gpt_neox", _norm("input_layernorm", LAYER_NORM),
+                    _norm("post_attention_layernorm", LAYER_NORM),
+                    _norm("final_layer_norm", LAYER_NORM))
+
+
+def _falcon(config) -> ArchSpec:
+    new_arch = bool(getattr(config, "new_decoder_architecture", False))
+    parallel = new_arch or bool(getattr(config, "parallel_attn", True))
+    n_ln = getattr(config, "num_ln_in_parallel_attn", None)
+    if new_arch and n_ln in (None, 2):
+        # ln_attn(h) is called before ln_mlp(h): ln_attn edits, ln_mlp reads the edit.
+        pre = _norm("ln_attn", LAYER_NORM)
+    else:
+        pre = _norm("input_layernorm", LAYER_NORM)
+    final = _norm("ln_f", LAYER_NORM)
+    if parallel:
+        return ArchSpec("falcon (parallel attention)", pre, None, final,
+                        "Falcon with parallel attention adds attention and MLP to the "
+                        "stream together, so there is no point after attention")
+    return ArchSpec("falcon", pre, _norm("post_attention_layernorm", LAYER_NORM), final)
+
+
+ARCHITECTURES: dict[str, Callable[[object], ArchSpec]] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "mixtral": _llama_like("mixtral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "qwen3_moe": _llama_like("qwen3_moe"),
+    "phi3": _llama_like("phi3"),
+    "gemma": _llama_like("gemma", RMS_GEMMA),
+    "gemma2": _gemma2_like("gemma2"),
+    "gemma3_text": _gemma2_like("gemma3_text"),
+    "olmo2": _olmo2,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "falcon": _falcon,
+}
+
+_FALLBACK = ArchSpec("hooks (unknown architecture)", _LAYER_INPUT, None, None,
+                     "resid_mid lies inside the decoder layer, which fasteer can only reach "
+                     "for architectures in fasteer.sites.ARCHITECTURES")
+
+_warned_types: set[str] = set()
+
+
+# --------------------------------------------------------------------------- resolution
+
+@dataclass
+class StreamPoint:
+    """One point of the residual stream and the module that carries edits there."""
+    key: tuple[str, int]            # ("pre", l) for l in 0..L, ("mid", l)
+    kind: str                       # "norm" | "input" | "output"
+    module: nn.Module
+    flavour: NormFlavour | None = None
+
+
+class ModelSites:
+    """An architecture spec resolved against one live model."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, layers_path: str, layers: nn.ModuleList,
+                 base: nn.Module, hidden: int, model_type: str):
+        self.model, self.spec, self.layers, self.base = model, spec, layers, base
+        self.layers_path, self.hidden, self.model_type = layers_path, hidden, model_type
+        self.n_layers = len(layers)
+        self.points: dict[tuple[str, int], StreamPoint] = {}
+        for l, layer in enumerate(layers):
+            self.points[("pre", l)] = _resolve(layer, spec.resid_pre, ("pre", l))
+            if spec.resid_mid is not None:
+                self.points[("mid", l)] = _resolve(layer, spec.resid_mid, ("mid", l))
+        last = ("pre", self.n_layers)
+        if spec.final is not None:
+            self.points[last] = _resolve(base, spec.final, last)
+        else:
+            self.points[last] = StreamPoint(last, "output", layers[-1])
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.spec is _FALLBACK
+
+    def stream_point(self, layer: int, site: str) -> tuple[str, int]:
+        """The key of the carrier for ``site`` at ``layer``; raises if it does not exist."""
+        if site not in SITES:
+            raise ValueError(f"site: expected one of {SITES}, got {site!r}")
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layers: layer {layer!r} out of range 0..{self.n_layers - 1} "
+                             f"({self.model_type} has {self.n_layers} layers)")
+        if site == "resid_pre":
+            return ("pre", layer)
+        if site == "resid_post":
+            return ("pre", layer + 1)
+        if self.spec.resid_mid is None:
+            raise ValueError(f"site: 'resid_mid' is not supported for {self.spec.name} "
+                             f"({self.spec.no_mid_reason}); use 'resid_pre' or 'resid_post'")
+        return ("mid", layer)
+
+
+def _resolve(root: nn.Module, spec: CarrierSpec, key) -> StreamPoint:
+    module = _get_attr_path(root, spec.path) if spec.path else root
+    if not isinstance(module, nn.Module):
+        raise _SpecMismatch(f"no module {spec.path!r} in {type(root).__name__}")
+    if spec.kind == "norm":
+        _check_norm(module, spec)
+    return StreamPoint(key, spec.kind, module, spec.flavour)
+
+
+class _SpecMismatch(Exception):
+    pass
+
+
+def _check_norm(module: nn.Module, spec: CarrierSpec) -> None:
+    fl = spec.flavour
+    name = type(module).__name__
+    if fl.norm_kind == L.NORM_LAYER:
+        if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+            raise _SpecMismatch(f"{spec.path} is {name}, expected a 1-D torch.nn.LayerNorm")
+    elif fl.class_hint not in name:
+        raise _SpecMismatch(f"{spec.path} is {name}, expected an {fl.class_hint}")
+    if not hasattr(module, fl.eps_attr):
+        raise _SpecMismatch(f"{spec.path} ({name}) has no attribute {fl.eps_attr!r}")
+    weight = getattr(module, "weight", None)
+    if fl.norm_kind == L.NORM_RMS and (weight is None or weight.dim() != 1):
+        raise _SpecMismatch(f"{spec.path} ({name}) has no 1-D weight")
+
+
+def _hidden_size(model: nn.Module, layers: nn.ModuleList) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[-1])
+    raise ValueError(f"model: cannot tell the hidden size of {type(model).__name__} "
+                     "(no config.hidden_size and no input embeddings)")
+
+
+def model_sites(model: nn.Module) -> ModelSites:
+    """Resolve the carrier table for ``model`` (falls back to layer hooks with a warning)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a Hugging Face causal LM), "
+                        f"got {type(model).__name__}")
+    path, layers = _find_layers(model)
+    base_path = path.rpartition(".")[0]
+    base = _get_attr_path(model, base_path) if base_path else model
+    config = getattr(model, "config", None)
+    model_type = str(getattr(config, "model_type", None) or type(model).__name__)
+    hidden = _hidden_size(model, layers)
+    make = ARCHITECTURES.get(model_type)
+    reason = f"model type {model_type!r} is not in fasteer.sites.ARCHITECTURES"
+    if make is not None:
+        spec = make(config)
+        try:
+            return ModelSites(model, spec, path, layers, base, hidden, model_type)
+        except _SpecMismatch as exc:
+            reason = f"the {model_type!r} model does not match fasteer's table ({exc})"
+    if model_type not in _warned_types:
+        _warned_types.add(model_type)
+        warnings.warn(f"fasteer: {reason}; steering through forward hooks on the decoder "
+                      "layers instead (same results, one extra launch per site; resid_mid "
+                      "unavailable)", stacklevel=3)
+    return ModelSites(model, _FALLBACK, path, layers, base, hidden, model_type)

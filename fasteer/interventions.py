@@ -1,0 +1,330 @@
+"""Interventions: what to do to the residual stream, independent of how it is carried.
+
+``Add(v, alpha)``, ``Clamp(u, value)``, ``Ablate(u)``, ``Scale(s)`` each describe an edit
+of the residual stream at some layers and one site, restricted to some token positions
+(``positions=``) and optionally to tokens passing a condition (``when=Cosine(...)``).
+They know nothing of models or kernels: each one validates its arguments when it is
+built, and lowers (`lower`) to `fasteer.plan.Edit` entries once the model's layer count
+and hidden size are known. The SAE feature edits lower through the same protocol.
+
+A vector argument is a tensor ``[D]`` (the same vector at every listed layer), a
+``{layer: tensor}`` dict, or a steering vector object with ``.directions`` (a
+``{layer: tensor}`` dict) and ``.site`` (`fasteer.SteeringVector`); ``layers=`` defaults
+to the vector's own layers and ``site=`` to the vector's site (else ``"resid_post"``).
+Directions of ``Clamp``/``Ablate`` are normalised here, on the host, so the kernels
+read unit vectors.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .ops import layout as L
+from .plan import POSITION_RULES, Edit, LoweredCondition, LoweringContext
+from .sites import SITES
+
+__all__ = ["Intervention", "Add", "Clamp", "Ablate", "Scale", "Condition", "Cosine",
+           "Projection"]
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _as_vector(value, name: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError(f"{name}: expected a numeric vector, got a numpy object array")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [D], got {type(value).__name__}")
+    if value.dim() != 1 or value.numel() == 0:
+        raise ValueError(f"{name}: expected a 1-D vector [D], got shape {tuple(value.shape)}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected a real vector, got dtype {value.dtype}")
+    v = value.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return v
+
+
+def _as_number(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def _as_layers(layers, name: str = "layers") -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, bool):
+        raise TypeError(f"{name}: expected an int or an iterable of ints, got bool")
+    if isinstance(layers, numbers.Integral):
+        layers = (int(layers),)
+    elif isinstance(layers, Iterable) and not isinstance(layers, (str, bytes)):
+        layers = tuple(layers)
+    else:
+        raise TypeError(f"{name}: expected an int or an iterable of ints, got {type(layers).__name__}")
+    out = []
+    for l in layers:
+        if isinstance(l, bool) or not isinstance(l, numbers.Integral):
+            raise TypeError(f"{name}: expected ints, got {l!r}")
+        if l < 0:
+            raise ValueError(f"{name}: expected layer indices >= 0, got {int(l)}")
+        out.append(int(l))
+    if not out:
+        raise ValueError(f"{name}: expected at least one layer, got none")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: layer indices must be distinct, got {out}")
+    return tuple(out)
+
+
+def _as_positions(positions):
+    if isinstance(positions, str):
+        if positions not in POSITION_RULES:
+            raise ValueError(f"positions: expected one of {POSITION_RULES} or a bool mask "
+                             f"[batch, prompt_len], got {positions!r}")
+        return positions
+    if isinstance(positions, np.ndarray):
+        positions = torch.from_numpy(np.ascontiguousarray(positions))
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions: expected a rule name {POSITION_RULES} or a bool tensor, "
+                        f"got {type(positions).__name__}")
+    if positions.dim() not in (1, 2) or positions.numel() == 0:
+        raise ValueError(f"positions: expected a mask [batch, prompt_len] or [prompt_len], "
+                         f"got shape {tuple(positions.shape)}")
+    if positions.dtype != torch.bool:
+        if positions.is_floating_point() or positions.is_complex() or \
+                not bool(((positions == 0) | (positions == 1)).all()):
+            raise TypeError(f"positions: expected a bool (or 0/1 integer) mask, got dtype "
+                            f"{positions.dtype}")
+        positions = positions != 0
+    return positions.detach().to("cpu")
+
+
+def _as_site(site) -> str | None:
+    if site is None:
+        return None
+    if site not in SITES:
+        raise ValueError(f"site: expected one of {SITES}, got {site!r}")
+    return site
+
+
+class _Vectors:
+    """A vector argument: one tensor, a {layer: tensor} dict, or a steering-vector object."""
+
+    def __init__(self, value, name: str):
+        self.name = name
+        self.site = None
+        self.single: torch.Tensor | None = None
+        self.per_layer: dict[int, torch.Tensor] | None = None
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            self.single = _as_vector(value, name)
+            return
+        if isinstance(value, Mapping):
+            mapping = value
+        elif isinstance(getattr(value, "directions", None), Mapping):
+            mapping = value.directions
+            self.site = getattr(value, "site", None)
+            if self.site is not None and self.site not in SITES:
+                raise ValueError(f"{name}.site: expected one of {SITES}, got {self.site!r}")
+        else:
+            raise TypeError(f"{name}: expected a tensor [D], a {{layer: tensor}} dict or a "
+                            f"SteeringVector, got {type(value).__name__}")
+        if not mapping:
+            raise ValueError(f"{name}: has no layers")
+        self.per_layer = {}
+        width = None
+        for layer, v in mapping.items():
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+                raise TypeError(f"{name}: layer keys must be ints >= 0, got {layer!r}")
+            t = _as_vector(v, f"{name}[{int(layer)}]")
+            if width is not None and t.numel() != width:
+                raise ValueError(f"{name}[{int(layer)}]: expected width {width} like the other "
+                                 f"layers, got {t.numel()}")
+            width = t.numel()
+            self.per_layer[int(layer)] = t
+
+    @property
+    def layers(self) -> tuple[int, ...] | None:
+        return None if self.per_layer is None else tuple(sorted(self.per_layer))
+
+    def at(self, layer: int, hidden: int) -> torch.Tensor:
+        if self.single is not None:
+            v = self.single
+        else:
+            if layer not in self.per_layer:
+                raise ValueError(f"{self.name}: has no vector for layer {layer} (it has layers "
+                                 f"{list(self.layers)})")
+            v = self.per_layer[layer]
+        if v.numel() != hidden:
+            raise ValueError(f"{self.name}: expected width {hidden} (the model's hidden size), "
+                             f"got {v.numel()}")
+        return v
+
+
+def _unit(v: torch.Tensor, name: str) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(v.double())
+    if not norm > 0:
+        raise ValueError(f"{name}: direction has zero norm")
+    return (v.double() / norm).float()
+
+
+# --------------------------------------------------------------------------- conditions
+
+class Condition:
+    """A per-token test on the stream as it enters the site; the edit applies if it passes."""
+    kind: int = L.COND_NONE
+
+    def __init__(self, vector, threshold, *, bias=0.0, below: bool = False):
+        self.vector = _Vectors(vector, "when.vector")
+        self.threshold = _as_number(threshold, "when.threshold")
+        self.bias = _as_number(bias, "when.bias")
+        if not isinstance(below, bool):
+            raise TypeError(f"when.below: expected a bool, got {type(below).__name__}")
+        self.below = below
+
+    def lower(self, layer: int, hidden: int) -> LoweredCondition:
+        c = self.vector.at(layer, hidden)
+        if self.below:
+            # x <= t  <=>  -x >= -t, and both tests are linear in c: negate c, t and bias.
+            return LoweredCondition(self.kind, -c, -self.threshold, -self.bias)
+        return LoweredCondition(self.kind, c, self.threshold, self.bias)
+
+
+class Cosine(Condition):
+    """Passes when cos(h, c) >= threshold (``below=True``: cos(h, c) <= threshold)."""
+    kind = L.COND_COSINE
+
+    def __init__(self, vector, threshold, *, below: bool = False):
+        super().__init__(vector, threshold, below=below)
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"when.threshold: a cosine threshold must lie in [-1, 1], "
+                             f"got {self.threshold}")
+
+    def __repr__(self):
+        return f"Cosine(threshold={self.threshold}, below={self.below})"
+
+
+class Projection(Condition):
+    """Passes when h . c + bias >= threshold (``below=True``: <= threshold)."""
+    kind = L.COND_PROJ
+
+    def __repr__(self):
+        return f"Projection(threshold={self.threshold}, bias={self.bias}, below={self.below})"
+
+
+# --------------------------------------------------------------------------- interventions
+
+class Intervention:
+    """Base class: layers, site, position rule, condition; `lower` makes the edits."""
+
+    _needs_layers = True
+
+    def __init__(self, *, vectors: _Vectors | None, layers, site, positions, when,
+                 preserve_norm):
+        self._vectors = vectors
+        self.layers = _as_layers(layers)
+        if self.layers is None and vectors is not None:
+            self.layers = vectors.layers
+        if self.layers is None and self._needs_layers:
+            raise ValueError(f"layers: required for {type(self).__name__} when the vector is a "
+                             "single tensor (e.g. layers=range(8, 16))")
+        explicit_site = _as_site(site)
+        vec_site = vectors.site if vectors is not None else None
+        self.site = explicit_site or vec_site or "resid_post"
+        self.positions = _as_positions(positions)
+        if when is not None and not isinstance(when, Condition):
+            raise TypeError(f"when: expected a fasteer condition (Cosine, Projection), got "
+                            f"{type(when).__name__}")
+        self.when = when
+        if not isinstance(preserve_norm, bool):
+            raise TypeError(f"preserve_norm: expected a bool, got {type(preserve_norm).__name__}")
+        self.preserve_norm = preserve_norm
+
+    def resolved_layers(self, ctx: LoweringContext) -> tuple[int, ...]:
+        layers = self.layers if self.layers is not None else tuple(range(ctx.n_layers))
+        bad = [l for l in layers if l >= ctx.n_layers]
+        if bad:
+            raise ValueError(f"layers: {bad} out of range 0..{ctx.n_layers - 1} (the model has "
+                             f"{ctx.n_layers} layers)")
+        return layers
+
+    def _edit(self, layer: int, ctx: LoweringContext) -> Edit:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def lower(self, ctx: LoweringContext) -> list[Edit]:
+        return [self._edit(l, ctx) for l in self.resolved_layers(ctx)]
+
+    def _common(self, layer: int, ctx: LoweringContext) -> dict:
+        cond = None if self.when is None else self.when.lower(layer, ctx.hidden)
+        return dict(layer=layer, site=self.site, preserve_norm=self.preserve_norm, condition=cond)
+
+    def __repr__(self):
+        extra = "" if self.when is None else f", when={self.when!r}"
+        pos = self.positions if isinstance(self.positions, str) else "mask"
+        return (f"{type(self).__name__}(layers={list(self.layers) if self.layers else 'all'}, "
+                f"site={self.site!r}, positions={pos!r}{extra})")
+
+
+class Add(Intervention):
+    """h <- h + alpha * v (CAA, instruction vectors, FGAA)."""
+
+    def __init__(self, vector, alpha=1.0, *, layers=None, site=None, positions="all", when=None,
+                 preserve_norm: bool = False):
+        self.alpha = _as_number(alpha, "alpha")
+        super().__init__(vectors=_Vectors(vector, "vector"), layers=layers, site=site,
+                         positions=positions, when=when, preserve_norm=preserve_norm)
+
+    def _edit(self, layer, ctx):
+        return Edit(kind=L.ADD, u=self._vectors.at(layer, ctx.hidden), p=(self.alpha,),
+                    **self._common(layer, ctx))
+
+
+class Clamp(Intervention):
+    """h <- h + (value - h.u) u with u = direction / |direction|: pins the projection."""
+
+    def __init__(self, direction, value, *, layers=None, site=None, positions="all", when=None,
+                 preserve_norm: bool = False):
+        self.value = _as_number(value, "value")
+        super().__init__(vectors=_Vectors(direction, "direction"), layers=layers, site=site,
+                         positions=positions, when=when, preserve_norm=preserve_norm)
+
+    def _edit(self, layer, ctx):
+        u = _unit(self._vectors.at(layer, ctx.hidden), f"direction[{layer}]")
+        return Edit(kind=L.CLAMP, u=u, p=(self.value,), **self._common(layer, ctx))
+
+
+class Ablate(Intervention):
+    """h <- h - (h.u) u with u = direction / |direction| (directional ablation)."""
+
+    def __init__(self, direction, *, layers=None, site=None, positions="all", when=None,
+                 preserve_norm: bool = False):
+        super().__init__(vectors=_Vectors(direction, "direction"), layers=layers, site=site,
+                         positions=positions, when=when, preserve_norm=preserve_norm)
+
+    def _edit(self, layer, ctx):
+        u = _unit(self._vectors.at(layer, ctx.hidden), f"direction[{layer}]")
+        return Edit(kind=L.ABLATE, u=u, **self._common(layer, ctx))
+
+
+class Scale(Intervention):
+    """h <- factor * h (activation scaling); ``layers=None`` scales every layer."""
+
+    _needs_layers = False
+
+    def __init__(self, factor, *, layers=None, site=None, positions="all", when=None,
+                 preserve_norm: bool = False):
+        self.factor = _as_number(factor, "factor")
+        super().__init__(vectors=None, layers=layers, site=site, positions=positions, when=when,
+                         preserve_norm=preserve_norm)
+
+    def _edit(self, layer, ctx):
+        return Edit(kind=L.SCALE, p=(self.factor,), **self._common(layer, ctx))

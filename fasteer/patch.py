@@ -1,0 +1,476 @@
+"""Install fasteer into a live Hugging Face model: carriers, the `Steerer`, `patch`, `steer`.
+
+``fs.patch(model)`` installs one *carrier* per point of the residual stream (from the
+table in `fasteer.sites`), a forward pre-hook on the base model that computes per-token
+metadata once per forward (`fasteer.metadata`), and a thin ``generate`` wrapper that
+tells the metadata where the prompt ends. ``Steerer.set`` lowers interventions to slot
+tables (`fasteer.plan`) and writes them into preallocated buffers; nothing is compiled
+or captured again when they change. ``Steerer.set_many`` plans many rows' steering in one
+go (an alpha sweep over 256 rows), and ``Steerer.decoding(prompt_len)`` marks the forwards
+of a hand-written decode loop as decode steps.
+
+Carriers and the numerics they keep:
+* A carrier with nothing to do is not installed at all (set() installs and removes
+  carriers as their tables fill and empty), and one armed only for some phases (e.g.
+  prompt-only steering) calls the module's original forward in the others (host-side
+  flag, no device sync): outputs are bit-identical to the unpatched model.
+* A norm carrier with work calls the fused ``steer_norm_``: the incoming hidden state is
+  edited in place -- the decoder layer's ``residual`` variable is that same tensor, so
+  the edit reaches the stream -- and the norm of the edited state is returned. Rows
+  without edits are normalised by the fused kernel (equal to the model's norm within
+  float rounding).
+* Hook carriers (``input``/``output``) edit the tensor at a module boundary in place
+  with ``steer_``.
+* Autograd on (grad enabled and the hidden state requires grad): the edit is computed
+  out of place by the differentiable ``steer_norm`` on a copy and written back with
+  ``Tensor.copy_``, which autograd records, so the caller's ``residual`` sees the
+  edit and gradients flow through it; the norm is then the module's own forward.
+  (Gradient checkpointing recomputes a layer from its saved input, which the carrier
+  has already edited: do not combine it with steering inside checkpointed layers.)
+
+Patching twice is an error (never double steering); `Steerer.unpatch` restores every
+forward, hook and the ``generate`` attribute, leaving a model that computes bit for bit
+what it computed before.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .metadata import (PHASE_OFF, DevicePlan, GenerationTracker, MetadataHook, TokenState,
+                       wrap_generate)
+from .ops import layout as L
+from .plan import LoweringContext, Request, SlotTables, compile_plan
+from .sites import SITES, ModelSites, StreamPoint, model_sites
+
+__all__ = ["Steerer", "patch", "steer"]
+
+# decoder-layer list -> Steerer; keyed by the layers so that patching the CausalLM and
+# its base model is recognised as the same model.
+_PATCHED: "weakref.WeakKeyDictionary[nn.Module, Steerer]" = weakref.WeakKeyDictionary()
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- carriers
+
+class _Carrier:
+    """Common part: the tables, the shared token state, the in-place edit."""
+
+    def __init__(self, point: StreamPoint, tables: SlotTables, state: TokenState):
+        self.point, self.tables, self.state = point, tables, state
+        self.module = point.module
+        self.device = tables.device
+        self.hidden = tables.hidden
+        # armed[phase]: does this carrier have work in a forward of that phase
+        self.armed = (False, False, False, False)
+        self.installed = False
+
+    def set_armed(self, prompt: bool, generated: bool, always: bool) -> None:
+        """Arm for the given phases; a carrier with no work in any phase is uninstalled,
+        so the module runs exactly as unpatched (not even an extra Python frame)."""
+        if always:
+            self.armed = (True, True, True, False)
+        else:
+            self.armed = (prompt, generated, prompt or generated, False)
+        if self.armed[2] and not self.installed:
+            self.install()
+            self.installed = True
+        elif not self.armed[2] and self.installed:
+            self.remove()
+            self.installed = False
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.remove()
+            self.installed = False
+
+    def _tokens(self, h: torch.Tensor):
+        if h.device != self.device:
+            # the kernels take raw pointers: never hand them tensors from two devices
+            raise RuntimeError(f"fasteer: the hidden state at {self.point.key} is on {h.device} "
+                               f"but the carrier's tables are on {self.device} (was the model "
+                               "moved after fasteer.patch? unpatch and patch again)")
+        slot, gate = self.state.tokens(self.device)
+        if h.numel() != slot.numel() * self.hidden:
+            raise RuntimeError(
+                f"fasteer: the hidden state at {self.point.key} has {h.numel() // h.shape[-1]} "
+                f"rows but the forward's input has {slot.numel()} tokens")
+        return slot, gate
+
+    def edit_(self, h: torch.Tensor) -> None:
+        """Edit ``h`` in place (autograd-aware)."""
+        t = self.tables
+        slot, gate = self._tokens(h)
+        if torch.is_grad_enabled() and h.requires_grad:
+            h_new, _ = ops.steer_norm(h.clone(), slot, gate, t.meta, t.params, t.bank,
+                                      norm_kind=L.NORM_NONE, validate=False)
+            h.copy_(h_new)
+        elif h.is_contiguous():
+            ops.steer_(h, slot, gate, t.meta, t.params, t.bank, backend=self.state.backend,
+                       validate=False)
+        else:
+            tmp = h.contiguous()
+            ops.steer_(tmp, slot, gate, t.meta, t.params, t.bank, backend=self.state.backend,
+                       validate=False)
+            h.copy_(tmp)
+
+
+class _NormCarrier(_Carrier):
+    """Replaces a pre-norm's forward with the fused steer+norm."""
+
+    def __init__(self, point, tables, state):
+        super().__init__(point, tables, state)
+        m, fl = self.module, point.flavour
+        self.weight = getattr(m, "weight", None)
+        self.bias = getattr(m, "bias", None) if fl.norm_kind == L.NORM_LAYER else None
+        self.eps = float(getattr(m, fl.eps_attr))
+        self.norm_kind, self.offset = fl.norm_kind, float(fl.weight_offset)
+        self.cast_before_weight = fl.cast_before_weight
+        self.original = m.forward
+        self._fn = self.forward
+
+    def install(self):
+        # chain to whatever forward the module has now (its own, or a wrapper's)
+        d = self.module.__dict__
+        self._had_attr, self._previous = "forward" in d, d.get("forward")
+        self.original = self.module.forward
+        self.module.forward = self._fn
+
+    def remove(self):
+        d = self.module.__dict__
+        if d.get("forward") is not self._fn:
+            raise RuntimeError(f"fasteer: the forward of {type(self.module).__name__} at "
+                               f"{self.point.key} was replaced after fasteer patched it; "
+                               "cannot restore it")
+        if self._had_attr:
+            d["forward"] = self._previous
+        else:
+            del d["forward"]
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.armed[self.state.phase]:
+            return self.original(hidden_states, *args, **kwargs)
+        h = hidden_states
+        w = self.weight
+        if args or kwargs or w is None or h.dtype is not w.dtype or not h.is_contiguous() or \
+                (h.requires_grad and torch.is_grad_enabled()):
+            # mixed-precision norm weights, odd layouts, autograd: edit, then the model's norm
+            self.edit_(h)
+            return self.original(h, *args, **kwargs)
+        slot, gate = self._tokens(h)
+        t = self.tables
+        out = torch.empty_like(h)
+        ops.steer_norm_(h, out, slot, gate, t.meta, t.params, t.bank, self.weight, self.bias,
+                        norm_kind=self.norm_kind, eps=self.eps, weight_offset=self.offset,
+                        cast_before_weight=self.cast_before_weight, backend=self.state.backend,
+                        validate=False)
+        return out
+
+
+class _HookCarrier(_Carrier):
+    """Edits the tensor entering (``input``) or leaving (``output``) a module, in place."""
+
+    def __init__(self, point, tables, state):
+        super().__init__(point, tables, state)
+        self.handle = None
+
+    def install(self):
+        if self.point.kind == "input":
+            self.handle = self.module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        else:
+            self.handle = self.module.register_forward_hook(self._post)
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _pre(self, module, args, kwargs):
+        if not self.armed[self.state.phase]:
+            return None
+        h = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(h, torch.Tensor):
+            raise RuntimeError(f"fasteer: cannot find the hidden state entering "
+                               f"{type(module).__name__} at {self.point.key}")
+        self.edit_(h)
+        return None
+
+    def _post(self, module, args, output):
+        if not self.armed[self.state.phase]:
+            return None
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(h, torch.Tensor):
+            raise RuntimeError(f"fasteer: cannot find the hidden state leaving "
+                               f"{type(module).__name__} at {self.point.key}")
+        self.edit_(h)
+        return None
+
+
+# --------------------------------------------------------------------------- Steerer
+
+def _site_points(sites: ModelSites, names) -> set:
+    if names is None:
+        return set(sites.points)
+    if isinstance(names, str):
+        names = (names,)
+    keys = set()
+    for name in names:
+        if name not in SITES:
+            raise ValueError(f"sites: expected names from {SITES}, got {name!r}")
+        for l in range(sites.n_layers):
+            try:
+                keys.add(sites.stream_point(l, name))
+            except ValueError as exc:
+                raise ValueError(f"sites: {exc}") from None
+    return keys
+
+
+def _as_rows(rows) -> tuple[int, ...] | None:
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor):
+        if rows.is_floating_point() or rows.dtype == torch.bool or rows.dim() > 1:
+            raise TypeError(f"rows: expected a list of row indices, got a {rows.dtype} tensor "
+                            f"of shape {tuple(rows.shape)}")
+        rows = rows.tolist()
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        rows = (rows,)
+    if not isinstance(rows, Iterable) or isinstance(rows, (str, bytes)):
+        raise TypeError(f"rows: expected None or a list of batch row indices, got "
+                        f"{type(rows).__name__}")
+    out = []
+    for r in rows:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"rows: expected ints, got {r!r}")
+        if r < 0:
+            raise ValueError(f"rows: expected row indices >= 0, got {r}")
+        out.append(r)
+    if not out:
+        raise ValueError("rows: expected at least one row (None means every row)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"rows: row indices must be distinct, got {out}")
+    return tuple(out)
+
+
+def _flatten(interventions) -> tuple:
+    out = []
+    for iv in interventions:
+        if isinstance(iv, (list, tuple)):
+            out.extend(_flatten(iv))
+            continue
+        if not callable(getattr(iv, "lower", None)) or not hasattr(iv, "positions"):
+            raise TypeError(f"interventions: expected fasteer interventions (Add, Clamp, Ablate, "
+                            f"Scale, FeatureEdit, ...), got {type(iv).__name__}")
+        out.append(iv)
+    return tuple(out)
+
+
+class Steerer:
+    """Steering installed in one model. Made by `fasteer.patch`; see the module docstring."""
+
+    def __init__(self, model: nn.Module, *, slots: int | None = None, sites=None,
+                 always_armed: bool = False):
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
+                                  or slots < 1):
+            raise ValueError(f"slots: expected a positive int (initial slot capacity), got {slots!r}")
+        if not isinstance(always_armed, bool):
+            raise TypeError(f"always_armed: expected a bool, got {type(always_armed).__name__}")
+        self.sites = model_sites(model)
+        if self.sites.layers in _PATCHED:
+            raise ValueError("model: already patched by fasteer; use the Steerer that patched it "
+                             "(st.set / st.clear) or call st.unpatch() first")
+        self.model = model
+        self.always_armed = always_armed
+        self._ctx = LoweringContext(self.sites.n_layers, self.sites.hidden, self.sites.model_type)
+        self._requests: list[Request] = []
+        self._lowered: dict[int, tuple] = {}     # id(intervention) -> (intervention, edits)
+        self.state = TokenState()
+        self.tracker = GenerationTracker()
+        keys = _site_points(self.sites, sites)
+        self.carriers: dict[tuple[str, int], _Carrier] = {}
+        capacity = slots or 4
+        for key in sorted(keys, key=lambda k: (k[1], k[0] == "pre")):
+            point = self.sites.points[key]
+            tables = SlotTables(self.sites.hidden, _module_device(point.module), slots=capacity)
+            cls = _NormCarrier if point.kind == "norm" else _HookCarrier
+            self.carriers[key] = cls(point, tables, self.state)
+        self.metadata = MetadataHook(self.sites.base, self.state, self.tracker)
+        self.metadata.always_armed = always_armed
+        self._device = _module_device(self.sites.base)
+        self._install_generate, self._remove_generate = wrap_generate(model, self.tracker)
+        # install: nothing above touched the model (carriers install when armed)
+        for c in self.carriers.values():
+            c.set_armed(False, False, always_armed)
+        self._meta_handle = self.sites.base.register_forward_pre_hook(self.metadata,
+                                                                      with_kwargs=True)
+        self._install_generate()
+        _PATCHED[self.sites.layers] = self
+        self._patched = True
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def patched(self) -> bool:
+        return self._patched
+
+    @property
+    def requests(self) -> list[Request]:
+        return list(self._requests)
+
+    def set(self, *interventions, rows=None) -> "Steerer":
+        """Steer ``rows`` (None: every row) with ``interventions``, replacing what they had.
+
+        Each call with explicit rows gets its own slots, so several calls give one batch
+        different steering per row. Everything is validated before any table changes.
+        """
+        return self.set_many([(interventions, rows)])
+
+    def set_many(self, assignments) -> "Steerer":
+        """``set(*interventions, rows=rows)`` for each ``(interventions, rows)`` pair, in
+        order, planned and written once (a sweep over many rows in one call).
+        ``interventions`` is one intervention or a list of them."""
+        self._check_patched()
+        requests = list(self._requests)
+        for pair in assignments:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"assignments: expected (interventions, rows) pairs, got "
+                                f"{type(pair).__name__}")
+            ivs, rows = pair
+            requests = self._assign(requests, _flatten(ivs if isinstance(ivs, (list, tuple))
+                                                       else (ivs,)), _as_rows(rows))
+        self._commit(requests)
+        return self
+
+    @staticmethod
+    def _assign(requests: list[Request], ivs: tuple, rows) -> list[Request]:
+        """The request list after giving ``rows`` (None: all) the interventions ``ivs``."""
+        if rows is None:
+            return [Request(ivs, None)] if ivs else []
+        out = []
+        taken = set(rows)
+        for req in requests:
+            if req.rows is None:
+                out.append(req)
+                continue
+            left = tuple(r for r in req.rows if r not in taken)
+            if left:
+                out.append(Request(req.interventions, left))
+        out.append(Request(ivs, rows))
+        return out
+
+    def decoding(self, prompt_len: int):
+        """Context manager: the forwards inside are decode steps after a ``prompt_len``-token
+        prompt (what ``generate`` tells fasteer itself). For hand-written decode loops,
+        where fasteer would otherwise read the cache length (a device sync for static
+        caches, not allowed while capturing a CUDA graph)."""
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
+            raise ValueError(f"prompt_len: expected a positive int, got {prompt_len!r}")
+        return self.tracker.decoding(prompt_len)
+
+    def clear(self) -> "Steerer":
+        """Remove all steering (the carriers stay installed; outputs are the model's own)."""
+        self._check_patched()
+        self._commit([])
+        return self
+
+    def unpatch(self) -> None:
+        """Restore the model exactly as it was (idempotent)."""
+        if not self._patched:
+            return
+        errors = []
+        for c in self.carriers.values():
+            try:
+                c.uninstall()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        self._meta_handle.remove()
+        self._remove_generate()
+        _PATCHED.pop(self.sites.layers, None)
+        self._patched = False
+        self.state.set(PHASE_OFF)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def __enter__(self) -> "Steerer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self):
+        state = "patched" if self._patched else "unpatched"
+        return (f"Steerer({self.sites.model_type}, {len(self.carriers)} carriers "
+                f"[{self.sites.spec.name}], {len(self._requests)} request(s), {state})")
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_patched(self):
+        if not self._patched:
+            raise RuntimeError("Steerer: the model was unpatched; call fasteer.patch(model) again")
+
+    def _lower(self, iv):
+        hit = self._lowered.get(id(iv))
+        if hit is not None and hit[0] is iv:
+            return hit[1]
+        edits = iv.lower(self._ctx)
+        self._lowered[id(iv)] = (iv, edits)
+        return edits
+
+    def _commit(self, requests: list[Request]) -> None:
+        compiled = compile_plan(requests, self.sites, self._ctx, self._lower) if requests else None
+        if compiled is not None:
+            missing = [k for k in compiled.points if k not in self.carriers]
+            if missing:
+                raise ValueError(f"sites: no carrier installed at {missing} (patch(model, "
+                                 f"sites=...) left them out)")
+            device_plan = DevicePlan(compiled, self._device)
+        else:
+            device_plan = None
+        # validated: now change the live tables
+        for key, carrier in self.carriers.items():
+            pt = None if compiled is None else compiled.points.get(key)
+            if not carrier.tables.fits(pt):
+                carrier.tables.grow_for(pt)
+            carrier.tables.write(pt)
+            armed = (False, False) if compiled is None else compiled.armed.get(key, (False, False))
+            carrier.set_armed(*armed, self.always_armed)
+        self.metadata.plan = device_plan
+        self._requests = requests
+        live = {id(iv) for req in requests for iv in req.interventions}
+        self._lowered = {k: v for k, v in self._lowered.items() if k in live}
+
+
+def patch(model: nn.Module, slots: int | None = None, sites=None, *,
+          always_armed: bool = False) -> Steerer:
+    """Install fasteer's carriers into ``model`` and return its `Steerer`.
+
+    ``slots``: initial slot capacity of the tables (they grow when a plan needs more).
+    ``sites``: restrict carriers to these site names (default: every point of the stream).
+    ``always_armed``: carriers run the fused op even with nothing to do (a fixed op
+    sequence for graph capture); unsteered rows then equal the model's norm within rounding.
+    """
+    return Steerer(model, slots=slots, sites=sites, always_armed=always_armed)
+
+
+def steer(model: nn.Module, *interventions, rows=None) -> Steerer:
+    """Patch ``model`` and set ``interventions``; use as ``with fs.steer(model, ...):``.
+
+    Leaving the ``with`` block unpatches. Errors in the interventions are raised before
+    the model is left modified.
+    """
+    st = Steerer(model)
+    try:
+        st.set(*interventions, rows=rows)
+    except BaseException:
+        st.unpatch()
+        raise
+    return st

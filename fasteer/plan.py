@@ -1,0 +1,321 @@
+"""Lowering interventions to slot tables.
+
+Every intervention (`fasteer.interventions`, later SAE feature edits) lowers, through one
+protocol -- ``intervention.lower(ctx) -> list[Edit]`` -- to *edits*: one entry of the
+`fasteer.ops.layout` tables at one (layer, site). The plan then
+
+1. gives every request (one `Steerer.set` call) its *slots*. A token carries one slot,
+   but interventions of one request may have different position rules, so a request gets
+   one slot per distinct set of interventions that can be active on a token: the token
+   *class* (prompt / last prompt token / generated, plus one bit per explicit position
+   mask) picks the slot through a small lookup table ``lut[request, class]`` that the
+   per-token metadata reads once per forward;
+2. writes, for every stream point, the edits of every slot in the order the
+   interventions were given (``meta``/``params``), with the vectors they read stored once
+   (``bank``; an alpha sweep over 256 rows stores its vector once).
+
+Compiling is pure (host tensors, nothing of the model touched), so `Steerer.set`
+validates everything before any live table changes. `SlotTables` are the preallocated
+device buffers a carrier reads; they are overwritten in place and only reallocated when
+a plan outgrows them (outside any forward), so a captured graph keeps its pointers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops import layout as L
+from .ops import validate_tables
+
+# Token classes (the low part of the class code; explicit-mask bits sit above).
+CLASS_PROMPT = 0        # a prompt token that is not the row's last prompt token
+CLASS_LAST_PROMPT = 1   # the last non-pad prompt token of its row
+CLASS_GENERATED = 2     # a token fed after the prompt forward (decode steps)
+N_CLASSES = 3
+MAX_MASKS = 4           # explicit position masks per request (2**4 classes each)
+
+POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
+
+
+@dataclass(frozen=True)
+class LoweredCondition:
+    """Condition of one edit: COND_COSINE or COND_PROJ against ``vector``."""
+    kind: int
+    vector: torch.Tensor      # float32 [D], CPU
+    threshold: float
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One lowered edit: what a slot does at (layer, site). The lowering target.
+
+    ``u``/``w`` are float32 [D] CPU vectors (bank rows); ``p`` are params p0..p3 (see
+    `fasteer.ops.layout`). Feature edits (SAE) set ``kind=L.FEATURE`` with ``feature_op``
+    and ``activation``.
+    """
+    layer: int
+    site: str
+    kind: int
+    u: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    p: tuple[float, ...] = ()
+    feature_op: int = 0
+    activation: int = 0
+    preserve_norm: bool = False
+    condition: LoweredCondition | None = None
+
+    def code(self) -> int:
+        cond = L.COND_NONE if self.condition is None else self.condition.kind
+        return L.pack_code(self.kind, feature_op=self.feature_op, activation=self.activation,
+                           condition=cond, preserve_norm=self.preserve_norm)
+
+
+@dataclass(frozen=True)
+class LoweringContext:
+    """What an intervention may know about the model when it lowers."""
+    n_layers: int
+    hidden: int
+    model_type: str
+
+
+@dataclass
+class Request:
+    """One `Steerer.set` call: interventions for some rows (None = every row)."""
+    interventions: tuple
+    rows: tuple[int, ...] | None
+
+
+@dataclass
+class PointTables:
+    """Host tables for one stream point."""
+    meta: torch.Tensor        # int32 [S, E, 4]
+    params: torch.Tensor      # float32 [S, E, 8]
+    bank: torch.Tensor        # float32 [V, D]
+    slot_has_edits: list[bool]
+
+
+@dataclass
+class CompiledPlan:
+    n_slots: int
+    n_mask_bits: int
+    lut: torch.Tensor                          # int32 [R + 1, N_CLASSES << bits]; last row: -1
+    default_request: int                       # request index for rows not named (-1 none)
+    row_requests: dict[int, int]               # explicit row -> request index
+    masks: list[list[torch.Tensor]]            # per request: explicit masks, bit order
+    points: dict[tuple[str, int], PointTables]
+    # per stream point, whether any slot reachable in a prompt / generated token has edits
+    armed: dict[tuple[str, int], tuple[bool, bool]] = field(default_factory=dict)
+    active_prompt: bool = False
+    active_generated: bool = False
+    edits_layer0_input: bool = False           # ("pre", 0) edited: clone user inputs_embeds
+
+
+def rule_passes(rule, cls: int, bits: int, mask_index: dict[int, int]) -> bool:
+    """Does a position rule select a token of class ``cls`` with mask bits ``bits``?"""
+    if isinstance(rule, str):
+        if rule == "all":
+            return True
+        if rule == "prompt":
+            return cls in (CLASS_PROMPT, CLASS_LAST_PROMPT)
+        if rule == "generated":
+            return cls == CLASS_GENERATED
+        if rule == "last_prompt":
+            return cls == CLASS_LAST_PROMPT
+        raise ValueError(f"positions: expected one of {POSITION_RULES} or a bool mask, got {rule!r}")
+    bit = mask_index[id(rule)]
+    return cls != CLASS_GENERATED and bool((bits >> bit) & 1)
+
+
+def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
+                 lower=None) -> CompiledPlan:
+    """Lower ``requests`` for the model described by ``sites`` (a `ModelSites`).
+
+    ``lower(intervention) -> list[Edit]`` defaults to ``intervention.lower(ctx)``; the
+    `Steerer` passes a memoised one, so re-planning after a `set` does not lower again.
+    """
+    lower = lower or (lambda iv: iv.lower(ctx))
+    # 1. lower every intervention once, mapping each edit to its stream point
+    lowered: list[list[list[tuple[tuple[str, int], Edit]]]] = []
+    for req in requests:
+        per_iv = []
+        for iv in req.interventions:
+            edits = lower(iv)
+            mapped = []
+            for e in edits:
+                if not isinstance(e, Edit):
+                    raise TypeError(f"{type(iv).__name__}.lower: expected Edit entries, "
+                                    f"got {type(e).__name__}")
+                point = sites.stream_point(e.layer, e.site)
+                mapped.append((point, e))
+            per_iv.append(mapped)
+        lowered.append(per_iv)
+
+    # 2. slots: one per distinct non-empty set of active interventions per request
+    masks: list[list[torch.Tensor]] = []
+    n_bits = 0
+    for req in requests:
+        req_masks = []
+        for iv in req.interventions:
+            rule = iv.positions
+            if not isinstance(rule, str) and all(rule is not m for m in req_masks):
+                req_masks.append(rule)
+        if len(req_masks) > MAX_MASKS:
+            raise ValueError(f"positions: at most {MAX_MASKS} distinct explicit masks per set() "
+                             f"call, got {len(req_masks)}")
+        masks.append(req_masks)
+        n_bits = max(n_bits, len(req_masks))
+    n_codes = N_CLASSES << n_bits
+    lut = torch.full((len(requests) + 1, n_codes), -1, dtype=torch.int32)
+    slot_members: list[tuple[int, tuple[int, ...]]] = []   # slot -> (request, iv indices)
+    slot_prompt: list[bool] = []
+    slot_generated: list[bool] = []
+    for r, req in enumerate(requests):
+        mask_index = {id(m): j for j, m in enumerate(masks[r])}
+        seen: dict[tuple[int, ...], int] = {}
+        for code in range(n_codes):
+            cls, bits = code % N_CLASSES, code // N_CLASSES
+            if bits >> len(masks[r]):
+                continue     # bits this request has no mask for never occur in its rows
+            members = tuple(i for i, iv in enumerate(req.interventions)
+                            if rule_passes(iv.positions, cls, bits, mask_index))
+            if not members:
+                continue
+            if members not in seen:
+                seen[members] = len(slot_members)
+                slot_members.append((r, members))
+                slot_prompt.append(False)
+                slot_generated.append(False)
+            s = seen[members]
+            lut[r, code] = s
+            if cls == CLASS_GENERATED:
+                slot_generated[s] = True
+            else:
+                slot_prompt[s] = True
+    n_slots = len(slot_members)
+
+    # 3. per stream point: entries per slot, in intervention order, with a shared bank
+    entries: dict[tuple[str, int], dict[int, list[Edit]]] = {}
+    for s, (r, members) in enumerate(slot_members):
+        for i in members:
+            for point, e in lowered[r][i]:
+                entries.setdefault(point, {}).setdefault(s, []).append(e)
+    points: dict[tuple[str, int], PointTables] = {}
+    armed: dict[tuple[str, int], tuple[bool, bool]] = {}
+    for point, per_slot in entries.items():
+        points[point] = _point_tables(per_slot, n_slots, ctx.hidden)
+        has = points[point].slot_has_edits
+        armed[point] = (any(has[s] and slot_prompt[s] for s in range(n_slots)),
+                        any(has[s] and slot_generated[s] for s in range(n_slots)))
+
+    default_request = -1
+    row_requests: dict[int, int] = {}
+    for r, req in enumerate(requests):
+        if req.rows is None:
+            default_request = r
+        else:
+            for row in req.rows:
+                row_requests[row] = r
+    return CompiledPlan(
+        n_slots=n_slots, n_mask_bits=n_bits, lut=lut, default_request=default_request,
+        row_requests=row_requests, masks=masks, points=points, armed=armed,
+        active_prompt=any(a[0] for a in armed.values()),
+        active_generated=any(a[1] for a in armed.values()),
+        edits_layer0_input=("pre", 0) in points and any(armed[("pre", 0)]))
+
+
+def _point_tables(per_slot: dict[int, list[Edit]], n_slots: int, hidden: int) -> PointTables:
+    n_edits = max((len(x) for x in per_slot.values()), default=0)
+    meta = [[0, -1, -1, -1]] * (n_slots * n_edits)
+    params = [[0.0] * L.PARAM_WIDTH] * (n_slots * n_edits)
+    bank_rows: list[torch.Tensor] = []
+    by_id: dict[int, int] = {}       # the same tensor object: no need to hash its bytes
+    by_bytes: dict[bytes, int] = {}
+
+    def row_of(v: torch.Tensor | None) -> int:
+        if v is None:
+            return -1
+        row = by_id.get(id(v))
+        if row is not None:
+            return row
+        t = v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if t.shape != (hidden,):
+            raise ValueError(f"vector: expected shape [{hidden}] (the model's hidden size), "
+                             f"got {tuple(t.shape)}")
+        key = t.numpy().tobytes()
+        row = by_bytes.get(key)
+        if row is None:
+            row = by_bytes[key] = len(bank_rows)
+            bank_rows.append(t)
+        by_id[id(v)] = row           # v stays alive (held by its Edit) while this runs
+        return row
+
+    for s, edits in per_slot.items():
+        for e_idx, e in enumerate(edits):
+            if len(e.p) > 4:
+                raise ValueError(f"Edit.p: expected at most 4 edit scalars, got {len(e.p)}")
+            cond = e.condition
+            k = s * n_edits + e_idx
+            meta[k] = [e.code(), row_of(e.u), row_of(e.w),
+                       -1 if cond is None else row_of(cond.vector)]
+            p = [float(x) for x in e.p] + [0.0] * (L.PARAM_WIDTH - len(e.p))
+            if cond is not None:
+                p[L.P_COND_THRESH] = float(cond.threshold)
+                p[L.P_COND_BIAS] = float(cond.bias)
+            params[k] = p
+    meta_t = torch.tensor(meta, dtype=torch.int32).view(n_slots, n_edits, L.META_WIDTH)
+    params_t = torch.tensor(params, dtype=torch.float32).view(n_slots, n_edits, L.PARAM_WIDTH)
+    bank = torch.stack(bank_rows) if bank_rows else torch.zeros(0, hidden, dtype=torch.float32)
+    validate_tables(meta_t, params_t, bank, hidden)
+    has = [False] * n_slots
+    for s, edits in per_slot.items():
+        has[s] = len(edits) > 0
+    return PointTables(meta_t, params_t, bank, has)
+
+
+class SlotTables:
+    """The device buffers one carrier reads: meta, params, bank, grown only when needed.
+
+    Unused slots/edits are kind NONE (zeros), unused bank rows zeros; the buffers are
+    overwritten in place by `write`, so their storage (and a captured graph's pointers)
+    survives every `Steerer.set` that fits.
+    """
+
+    def __init__(self, hidden: int, device: torch.device, slots: int = 1, edits: int = 1,
+                 bank_rows: int = 1):
+        self.hidden, self.device = hidden, device
+        self.meta = torch.zeros(slots, edits, L.META_WIDTH, dtype=torch.int32, device=device)
+        self.params = torch.zeros(slots, edits, L.PARAM_WIDTH, dtype=torch.float32, device=device)
+        self.bank = torch.zeros(bank_rows, hidden, dtype=torch.float32, device=device)
+
+    def fits(self, t: PointTables | None) -> bool:
+        if t is None:
+            return True
+        s, e = t.meta.shape[:2]
+        return s <= self.meta.shape[0] and e <= self.meta.shape[1] and \
+            t.bank.shape[0] <= self.bank.shape[0]
+
+    def grow_for(self, t: PointTables, min_slots: int = 0) -> None:
+        """Reallocate (doubling) so that ``t`` fits; drops the old contents."""
+        s, e = t.meta.shape[:2]
+        slots = max(self.meta.shape[0], min_slots)
+        while slots < s:
+            slots *= 2
+        edits = max(self.meta.shape[1], e)
+        rows = self.bank.shape[0]
+        while rows < t.bank.shape[0]:
+            rows *= 2
+        self.__init__(self.hidden, self.device, slots, edits, rows)
+
+    def write(self, t: PointTables | None) -> None:
+        """Overwrite the buffers in place with ``t`` (None: clear)."""
+        self.meta.zero_()
+        self.params.zero_()
+        self.bank.zero_()
+        if t is None:
+            return
+        s, e = t.meta.shape[:2]
+        self.meta[:s, :e].copy_(t.meta)
+        self.params[:s, :e].copy_(t.params)
+        self.bank[:t.bank.shape[0]].copy_(t.bank)

@@ -1,0 +1,374 @@
+"""The reference the patch layer is tested against: plain forward hooks, plain math.
+
+Written independently of fasteer's carriers, tables and metadata: edits are applied by
+hooks on the decoder layers (``resid_pre`` / ``resid_post``) and on the module whose
+output is added to the stream after attention (``resid_mid``), in float32 with the
+formulas of DESIGN.md, to the tokens a test names row by row. Which tokens are prompt
+tokens is told by the test (the prompt's attention mask); the first forward after
+`HookReference.begin` is the prompt, later forwards are generated tokens.
+
+Also here: tiny random-weight models of every architecture in fasteer's table, built
+from the real transformers config classes.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers as tf
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and OpenMP barriers stall badly on a busy
+    shared CPU; restored afterwards so other test files keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# --------------------------------------------------------------------------- tiny models
+
+_COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               vocab_size=97, max_position_embeddings=64, pad_token_id=0, bos_token_id=None,
+               eos_token_id=None)
+
+
+def _cfg(cls, **kw):
+    args = dict(_COMMON)
+    args.update(kw)
+    return cls(**args)
+
+
+# name -> (config factory, path of the module whose output is the attention branch that
+#          is added to the stream to form resid_mid, None when resid_mid does not exist)
+ARCHS = {
+    "llama": (lambda: _cfg(tf.LlamaConfig, num_key_value_heads=2), "self_attn"),
+    "mistral": (lambda: _cfg(tf.MistralConfig, num_key_value_heads=2), "self_attn"),
+    "mixtral": (lambda: _cfg(tf.MixtralConfig, num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2), "self_attn"),
+    "qwen2": (lambda: _cfg(tf.Qwen2Config, num_key_value_heads=2), "self_attn"),
+    "qwen3": (lambda: _cfg(tf.Qwen3Config, num_key_value_heads=2, head_dim=8), "self_attn"),
+    "qwen3_moe": (lambda: _cfg(tf.Qwen3MoeConfig, num_key_value_heads=2, head_dim=8,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                               decoder_sparse_step=1), "self_attn"),
+    "phi3": (lambda: _cfg(tf.Phi3Config, num_key_value_heads=2), "self_attn"),
+    "gemma": (lambda: _cfg(tf.GemmaConfig, num_key_value_heads=2, head_dim=8), "self_attn"),
+    "gemma2": (lambda: _cfg(tf.Gemma2Config, num_key_value_heads=2, head_dim=8,
+                            sliding_window=4), "post_attention_layernorm"),
+    "gemma3_text": (lambda: _cfg(tf.Gemma3TextConfig, num_key_value_heads=2, head_dim=8,
+                                 sliding_window=4), "post_attention_layernorm"),
+    "olmo2": (lambda: _cfg(tf.Olmo2Config, num_key_value_heads=2), "post_attention_layernorm"),
+    "gpt2": (lambda: tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=97, n_positions=64,
+                                   pad_token_id=0, bos_token_id=None, eos_token_id=None),
+             "attn"),
+    "gpt_neox_parallel": (lambda: _cfg(tf.GPTNeoXConfig, use_parallel_residual=True), None),
+    "gpt_neox_sequential": (lambda: _cfg(tf.GPTNeoXConfig, use_parallel_residual=False),
+                            "attention"),
+    "falcon_sequential": (lambda: _cfg(tf.FalconConfig, parallel_attn=False,
+                                       new_decoder_architecture=False, alibi=False,
+                                       bias=True), "self_attention"),
+    "falcon_parallel": (lambda: _cfg(tf.FalconConfig, parallel_attn=True,
+                                     new_decoder_architecture=False, alibi=False), None),
+    "falcon_new": (lambda: _cfg(tf.FalconConfig, new_decoder_architecture=True, num_kv_heads=2,
+                                num_ln_in_parallel_attn=2, parallel_attn=True), None),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+    """A tiny random model of ``arch`` in eval mode, norm weights/biases randomised."""
+    make, _ = ARCHS[arch]
+    config = make()
+    config.initializer_range = 0.15
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        # non-trivial norm weights and biases, so a carrier using the wrong flavour shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.to(dtype).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(arch: str):
+    """`tiny_model` built once per test session (tests always unpatch what they patch)."""
+    return tiny_model(arch)
+
+
+def branch_path(arch: str) -> str | None:
+    return ARCHS[arch][1]
+
+
+def prompt_batch(batch: int = 3, length: int = 7, pad: str = "left", seed: int = 1,
+                 vocab: int = 97):
+    """input_ids and attention_mask: row 1 has 2 pads, row 2 (if any) has 1 pad."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad != "none":
+        for row, n in ((1, 2), (2, 1)):
+            if row < batch:
+                sl = slice(0, n) if pad == "left" else slice(length - n, length)
+                mask[row, sl] = 0
+                ids[row, sl] = 0
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- reference edits
+
+@dataclass
+class RefEdit:
+    """One intervention, as the reference reads it."""
+    kind: str                                  # add | clamp | ablate | scale
+    layers: list[int]
+    site: str = "resid_post"
+    vectors: dict | None = None                # layer -> tensor [D]
+    value: float = 0.0                         # alpha / clamp value / scale factor
+    positions: object = "all"                  # rule name or bool mask [B, T]
+    cond: tuple | None = None                  # (kind, {layer: c}, threshold, bias, below)
+    preserve_norm: bool = False
+
+    def point(self, layer: int) -> tuple[str, int]:
+        if self.site == "resid_pre":
+            return ("pre", layer)
+        if self.site == "resid_post":
+            return ("pre", layer + 1)
+        return ("mid", layer)
+
+
+def _apply(edit: RefEdit, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The edit of DESIGN.md on float32 rows x [T, D]."""
+    if edit.kind == "scale":
+        return edit.value * x
+    v = edit.vectors[layer].float()
+    if edit.kind == "add":
+        return x + edit.value * v
+    u = (v.double() / v.double().norm()).float()
+    proj = (x * u).sum(-1, keepdim=True)
+    if edit.kind == "clamp":
+        return x + (edit.value - proj) * u
+    if edit.kind == "ablate":
+        return x - proj * u
+    raise ValueError(edit.kind)
+
+
+def _passes(cond, layer: int, x_in: torch.Tensor) -> torch.Tensor:
+    kind, vecs, threshold, bias, below = cond
+    c = vecs[layer].float()
+    dot = (x_in * c).sum(-1)
+    if kind == "cosine":
+        denom = x_in.norm(dim=-1) * c.norm()
+        score = torch.where(denom > 0, dot / denom.clamp_min(1e-30), torch.zeros_like(dot))
+    else:
+        score = dot + bias
+    return score <= threshold if below else score >= threshold
+
+
+@dataclass
+class HookReference:
+    """Forward hooks steering ``model`` with per-row lists of `RefEdit`s."""
+    model: torch.nn.Module
+    layers: torch.nn.ModuleList
+    branch: str | None
+    row_edits: list = field(default_factory=list)   # per batch row: list[RefEdit]
+    prompt_mask: torch.Tensor | None = None
+    forward_index: int = -1
+
+    def __post_init__(self):
+        self.handles = []
+        self._h_pre = {}
+
+    def begin(self, prompt_mask: torch.Tensor) -> None:
+        """The next forward is a prompt with this [B, T] attention mask."""
+        self.prompt_mask, self.forward_index = prompt_mask, -1
+
+    def __enter__(self):
+        n = len(self.layers)
+        self.handles.append(self.layers[0].register_forward_pre_hook(self._count))
+        for l, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._pre(l), with_kwargs=True))
+            if self.branch is not None:
+                mod = layer.get_submodule(self.branch)
+                self.handles.append(mod.register_forward_hook(self._mid(l)))
+        self.handles.append(self.layers[n - 1].register_forward_hook(self._post_last(n)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # -- token selection ----------------------------------------------------------------
+    def _select(self, edit: RefEdit, row: int, T: int) -> torch.Tensor:
+        prompt = self.forward_index == 0
+        if prompt:
+            real = self.prompt_mask[row, -T:].bool()
+        else:
+            real = torch.ones(T, dtype=torch.bool)
+        rule = edit.positions
+        if isinstance(rule, torch.Tensor):
+            m = rule if rule.dim() == 1 else rule[row]
+            sel = m.bool() if prompt else torch.zeros(T, dtype=torch.bool)
+        elif rule == "all":
+            sel = torch.ones(T, dtype=torch.bool)
+        elif rule == "prompt":
+            sel = torch.full((T,), prompt)
+        elif rule == "generated":
+            sel = torch.full((T,), not prompt)
+        elif rule == "last_prompt":
+            sel = torch.zeros(T, dtype=torch.bool)
+            if prompt and bool(real.any()):
+                sel[int(torch.nonzero(real).max())] = True
+        else:
+            raise ValueError(rule)
+        return sel & real
+
+    def _steer(self, point, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        for row, edits in enumerate(self.row_edits):
+            todo = [(e, l) for e in edits for l in e.layers if e.point(l) == point]
+            if not todo:
+                continue
+            h = x[row].float()
+            h_in = h.clone()
+            for e, l in todo:
+                sel = self._select(e, row, h.shape[0])
+                if e.cond is not None:
+                    sel = sel & _passes(e.cond, l, h_in)
+                new = _apply(e, l, h)
+                if e.preserve_norm:
+                    before, after = h.norm(dim=-1, keepdim=True), new.norm(dim=-1, keepdim=True)
+                    new = torch.where(after > 0, new * before / after.clamp_min(1e-30), new)
+                h = torch.where(sel.unsqueeze(-1), new, h)
+            out[row] = h.to(x.dtype)
+        return out
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _count(self, module, args):
+        self.forward_index += 1
+
+    def _pre(self, l):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            new = self._steer(("pre", l), h)
+            self._h_pre[l] = new
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = new
+            return args, kwargs
+        return hook
+
+    def _mid(self, l):
+        def hook(module, args, output):
+            branch = output[0] if isinstance(output, tuple) else output
+            h_pre = self._h_pre[l]
+            mid = h_pre + branch
+            new_branch = self._steer(("mid", l), mid) - h_pre
+            if isinstance(output, tuple):
+                return (new_branch,) + tuple(output[1:])
+            return new_branch
+        return hook
+
+    def _post_last(self, n):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            new = self._steer(("pre", n), h)
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            return new
+        return hook
+
+
+# --------------------------------------------------------------------------- pairs
+
+def pair(kind: str, layers, *, site="resid_post", vectors=None, value=0.0, positions="all",
+         cond=None, preserve_norm=False):
+    """The same intervention twice: (fasteer object, RefEdit)."""
+    import fasteer as fs
+    layers = list(layers)
+    when = None
+    if cond is not None:
+        ckind, cvecs, thr, bias, below = cond
+        when = (fs.Cosine(cvecs, thr, below=below) if ckind == "cosine"
+                else fs.Projection(cvecs, thr, bias=bias, below=below))
+    common = dict(layers=layers, site=site, positions=positions, when=when,
+                  preserve_norm=preserve_norm)
+    if kind == "add":
+        iv = fs.Add(vectors, value, **common)
+    elif kind == "clamp":
+        iv = fs.Clamp(vectors, value, **common)
+    elif kind == "ablate":
+        iv = fs.Ablate(vectors, **common)
+    elif kind == "scale":
+        iv = fs.Scale(value, **common)
+    else:
+        raise ValueError(kind)
+    return iv, RefEdit(kind, layers, site, vectors, value, positions, cond, preserve_norm)
+
+
+def random_vectors(layers, hidden: int, seed: int, scale: float = 1.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {l: torch.randn(hidden, generator=g) * scale for l in layers}
+
+
+# --------------------------------------------------------------------------- running both
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def _generate(model, ids, mask, cache: str):
+    kw = dict(GENERATE)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+def fasteer_outputs(model, sets, ids, mask, caches=("dynamic", "static")):
+    """Patch, ``set`` each (interventions, rows) in ``sets``, run; always unpatches.
+
+    Returns (logits of one forward, {cache kind: generated tokens}).
+    """
+    import fasteer as fs
+    st = fs.patch(model)
+    try:
+        for ivs, rows in sets:
+            st.set(*ivs, rows=rows)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            gens = {c: _generate(model, ids, mask, c) for c in caches}
+    finally:
+        st.unpatch()
+    return logits, gens
+
+
+def reference_outputs(model, arch, row_edits, ids, mask, caches=("dynamic", "static")):
+    """The same with `HookReference` (``row_edits``: per batch row, a list of RefEdits)."""
+    from fasteer.sites import decoder_layers
+    ref = HookReference(model, decoder_layers(model), branch_path(arch), row_edits)
+    with ref, torch.no_grad():
+        ref.begin(mask)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        gens = {}
+        for c in caches:
+            ref.begin(mask)
+            gens[c] = _generate(model, ids, mask, c)
+    return logits, gens
+
+
+def plain_outputs(model, ids, mask, caches=("dynamic",)):
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits, {c: _generate(model, ids, mask, c) for c in caches}
+
+
+def assert_same(fs_out, ref_out, atol=1e-5):
+    """Logits within ``atol`` and identical greedy tokens."""
+    (lf, gf), (lr, gr) = fs_out, ref_out
+    diff = float((lf - lr).abs().max())
+    assert diff <= atol, f"logits differ from the hook reference by {diff:.3g}"
+    for c in gr:
+        assert torch.equal(gf[c], gr[c]), f"greedy tokens ({c} cache) differ:\n{gf[c]}\n{gr[c]}"
