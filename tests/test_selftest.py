@@ -26,14 +26,16 @@ def test_kernel_checks_pass_on_cpu_backend():
 
 
 def test_kernel_checks_catch_a_wrong_kernel(monkeypatch):
-    import fasteer.ops.cpu.steer_norm as cpu_mod
-    real = cpu_mod.steer_norm_cpu
+    import importlib
+    op_mod = importlib.import_module("fasteer.ops.steer_norm")  # the module, not the op
+    real_lookup = op_mod._backend_impl
+    real = real_lookup("cpu")
 
     def broken(h, out, *args):
         real(h, out, *args)
         h.mul_(1.01)     # a wrong edit on every row
 
-    monkeypatch.setattr(cpu_mod, "steer_norm_cpu", broken)
+    monkeypatch.setattr(op_mod, "_backend_impl", lambda name: broken if name == "cpu" else real_lookup(name))
     recs = check_steer_norm(["cpu"], "cpu", [(5, 33)], [torch.float32], lambda m: None)
     assert not all(r["ok"] for r in recs)
 

@@ -83,19 +83,39 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
+_CPU_RESOLVED: dict[str, str] = {}
+
+
 def resolve(name: str, device_type: str, n_rows: int) -> str:
-    """Turn 'auto' (or a named backend) into one that can run on this device."""
+    """Turn 'auto' (or a named backend) into one that can run on this device.
+
+    Called on every op call: the CPU answers for 'auto', 'cpu' and 'reference' do not
+    change within a process and are cached (decode-size calls are a few µs in all)."""
     if device_type == "cpu":
-        if name == "auto":
-            return "cpu" if cpu_module() is not None else "reference"
-        if name == "cpu" and cpu_module() is None:
-            raise RuntimeError("backend 'cpu': fasteer._C is not built; reinstall with `pip install -e .`")
-        if name == "cuda":
-            raise RuntimeError("backend 'cuda' needs CUDA tensors; these are on the CPU")
-        if name == "triton" and not triton_interpreting():
-            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                               "(set before fasteer.kernels is imported)")
-        return name
+        cached = _CPU_RESOLVED.get(name)
+        if cached is not None:
+            return cached
+        resolved = _resolve_cpu(name)
+        if name in ("auto", "cpu", "reference"):
+            _CPU_RESOLVED[name] = resolved
+        return resolved
+    return _resolve_device(name, device_type, n_rows)
+
+
+def _resolve_cpu(name: str) -> str:
+    if name == "auto":
+        return "cpu" if cpu_module() is not None else "reference"
+    if name == "cpu" and cpu_module() is None:
+        raise RuntimeError("backend 'cpu': fasteer._C is not built; reinstall with `pip install -e .`")
+    if name == "cuda":
+        raise RuntimeError("backend 'cuda' needs CUDA tensors; these are on the CPU")
+    if name == "triton" and not triton_interpreting():
+        raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                           "(set before fasteer.kernels is imported)")
+    return name
+
+
+def _resolve_device(name: str, device_type: str, n_rows: int) -> str:
     if device_type == "cuda":
         have_cuda = cuda_module() is not None
         have_triton = _import("triton")[0] is not None

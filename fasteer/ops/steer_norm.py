@@ -15,6 +15,8 @@ the ops a patched model runs at every carrier, so:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import dispatch
@@ -35,47 +37,56 @@ _lib.define(
 )
 
 
-def _run(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
-         cast_before_weight, backend):
-    """Run the op on [N, D] views with the resolved backend (out2 None for NORM_NONE)."""
-    name = dispatch.resolve(backend, h2.device.type, h2.shape[0])
+def _reference_impl(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                    weight_offset, cast_before_weight):
+    h_new, normed = reference_steer_norm(h2, slot, gate, meta, params, bank, weight, bias,
+                                         norm_kind, eps, weight_offset, cast_before_weight)
+    h2.copy_(h_new)
+    if out2 is not None:
+        out2.copy_(normed)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_impl(name: str):
+    """The steer+norm function of a backend (imported on first use)."""
     if name == "reference":
-        h_new, normed = reference_steer_norm(h2, slot, gate, meta, params, bank, weight, bias,
-                                             norm_kind, eps, weight_offset, cast_before_weight)
-        h2.copy_(h_new)
-        if out2 is not None:
-            out2.copy_(normed)
-        return
+        return _reference_impl
     if name == "cpu":
         from .cpu.steer_norm import steer_norm_cpu
-        steer_norm_cpu(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                       weight_offset, cast_before_weight)
-        return
+        return steer_norm_cpu
     if name == "triton":
         from .triton.steer_norm import steer_norm_triton
-        steer_norm_triton(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                          weight_offset, cast_before_weight)
-        return
+        return steer_norm_triton
     if name == "cuda":
         from .cuda.steer_norm import steer_norm_cuda
-        steer_norm_cuda(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                        weight_offset, cast_before_weight)
-        return
+        return steer_norm_cuda
     raise RuntimeError(f"backend {name!r} has no steer_norm implementation")
 
 
+def _run(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
+         cast_before_weight, backend):
+    """Run the op on [N, D] views with the resolved backend (out2 None for NORM_NONE)."""
+    impl = _backend_impl(dispatch.resolve(backend, h2.device.type, h2.shape[0]))
+    impl(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
+         cast_before_weight)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.view(-1)
 
 
 def _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
                      weight_offset, cast_before_weight, backend):
-    _run(_rows(h), _rows(out), slot.view(-1), gate.view(-1), meta, params, bank, weight, bias,
+    _run(_rows(h), _rows(out), _flat(slot), _flat(gate), meta, params, bank, weight, bias,
          norm_kind, eps, weight_offset, cast_before_weight, backend)
 
 
 def _steer_impl(h, slot, gate, meta, params, bank, backend):
-    _run(_rows(h), None, slot.view(-1), gate.view(-1), meta, params, bank, None, None,
+    _run(_rows(h), None, _flat(slot), _flat(gate), meta, params, bank, None, None,
          L.NORM_NONE, 0.0, 0.0, True, backend)
 
 

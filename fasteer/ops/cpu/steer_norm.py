@@ -12,6 +12,8 @@ from .. import layout as L
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+_C = dispatch.cpu_module()  # this module is only imported once the cpu backend was chosen
+
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
@@ -21,7 +23,7 @@ def steer_norm_cpu(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
                    weight_offset, cast_before_weight):
     """h, out: [N, D] (row strides allowed, unit inner stride); out None for NORM_NONE."""
     n, d = h.shape
-    dispatch.cpu_module().steer_norm(
+    _C.steer_norm(
         h.data_ptr(), _ptr(out), n, d, h.stride(0), 0 if out is None else out.stride(0),
         DTYPE_CODES[h.dtype], slot.data_ptr(), gate.data_ptr(), meta.data_ptr(),
         params.data_ptr(), bank.data_ptr(), meta.shape[0], meta.shape[1], bank.shape[0],
