@@ -1,0 +1,182 @@
+"""Shared pieces of the CLI commands: loading a model, parsing numbers and layers, the
+per-row alpha sweep, and timing of steered vs unsteered decoding.
+
+Every user mistake becomes a `UsageError` (one line, exit code 2) before any work."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..cli import UsageError
+
+DEMO = "demo"
+
+
+def add_model_argument(parser) -> None:
+    parser.add_argument("--model", default=DEMO,
+                        help="a Hugging Face causal LM (local path or hub id); default: the "
+                             "embedded demo model")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer, is_demo). Clear UsageError for unknown paths/ids."""
+    try:
+        torch_dtype = getattr(torch, dtype)
+        dev = torch.device(device)
+    except (AttributeError, RuntimeError) as exc:
+        raise UsageError(f"--device/--dtype: {exc}") from None
+    if name == DEMO:
+        from ..demo.world import load_demo_model
+        try:
+            model, tok = load_demo_model(device=dev, dtype=torch_dtype)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        return model, tok, True
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().exists():
+        raise UsageError(f"--model: no such path: {name}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(dev).eval()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model: cannot load {name!r}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok, False
+
+
+def parse_float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{name}: expected a finite number, got {text!r}")
+    return value
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    parts = [p for p in str(text).replace(" ", ",").split(",") if p]
+    if not parts:
+        raise UsageError(f"{name}: expected a comma-separated list of numbers, got {text!r}")
+    return [parse_float(p, name) for p in parts]
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """'3', '2,5', '4-7' (inclusive) -> list; None -> None. Range-checked."""
+    if text is None:
+        return None
+    layers = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                layers.extend(range(int(lo), int(hi) + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise UsageError(f"--layers: expected layer numbers like '3', '2,5' or '4-7', "
+                             f"got {text!r}") from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise UsageError(f"--layers: layers must be in 0..{n_layers - 1}, got {text!r}")
+    return layers
+
+
+def load_vector(path: str, model):
+    from ..vectors import SteeringVector
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--vector: no such file: {path}")
+    try:
+        vec = SteeringVector.load(p)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--vector: {exc}") from None
+    hidden = model.config.hidden_size
+    if vec.hidden_size != hidden:
+        raise UsageError(f"--vector: {path} is for hidden size {vec.hidden_size}, the model has "
+                         f"{hidden}")
+    return vec
+
+
+def read_prompts(text: str | None, file: str | None) -> list[str]:
+    if file:
+        p = Path(file)
+        if not p.exists():
+            raise UsageError(f"--prompts-file: no such file: {file}")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [text] if text else []
+    if not prompts:
+        raise UsageError("a prompt is needed: --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+@torch.inference_mode()
+def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True):
+    """One batched generate; returns continuations (text)."""
+    device = next(model.parameters()).device
+    batch = tok(list(prompts), return_tensors="pt", padding=True).to(device)
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if do_sample \
+        else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         **sampling)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="all",
+                   max_new_tokens=32, seed=0, do_sample=True):
+    """An alpha sweep as ONE batched generate: row block i carries alpha i (per-row slots).
+
+    Returns {alpha: [continuation per prompt]}."""
+    import fasteer as fs
+    rows_of = {}
+    batch_prompts = []
+    for i, a in enumerate(alphas):
+        rows_of[a] = list(range(i * len(prompts), (i + 1) * len(prompts)))
+        batch_prompts += list(prompts)
+    st = fs.patch(model)
+    try:
+        st.set_many([(fs.Add(vector, alpha=a, layers=layers, positions=positions), rows_of[a])
+                     for a in alphas if a != 0.0])
+        texts = generate_rows(model, tok, batch_prompts, max_new_tokens, seed=seed,
+                              do_sample=do_sample)
+    finally:
+        st.unpatch()
+    return {a: texts[rows[0]:rows[-1] + 1] for a, rows in rows_of.items()}
+
+
+@torch.inference_mode()
+def decode_overhead(model, tok, vector, alpha, layers, prompts, *, new_tokens=24, rounds=5):
+    """Median seconds per generated token, unsteered vs steered (interleaved rounds)."""
+    import statistics
+
+    import fasteer as fs
+    device = next(model.parameters()).device
+    batch = tok(list(prompts), return_tensors="pt", padding=True).to(device)
+
+    def run():
+        t0 = time.perf_counter()
+        model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=tok.pad_token_id)
+        return (time.perf_counter() - t0) / new_tokens
+
+    base, steered = [], []
+    run()
+    for _ in range(rounds):
+        base.append(run())
+        with fs.steer(model, fs.Add(vector, alpha=alpha, layers=layers)):
+            steered.append(run())
+    return statistics.median(base), statistics.median(steered)
