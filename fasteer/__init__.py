@@ -3,8 +3,10 @@ from ._version import __version__
 from .interventions import Ablate, Add, Clamp, Condition, Cosine, Projection, Scale
 from .patch import Steerer, patch, steer
 from .sae import SAE
+from .sae.interventions import FeatureEdit, SAEReplace
 from .vectors import SteeringVector
 from . import extract
 
 __all__ = ["__version__", "Ablate", "Add", "Clamp", "Condition", "Cosine", "Projection", "Scale",
            "SAE", "Steerer", "SteeringVector", "extract", "patch", "steer"]
+__all__ += ["FeatureEdit", "SAEReplace"]

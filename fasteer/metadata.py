@@ -27,6 +27,22 @@ each token's own key position (a padded token does not attend to itself; a row t
 attends to the future was "unmasked" by the SDPA fix-up and is padding too). Tokens fed
 after the prompt inside ``generate`` are never padding (``generate`` extends the mask
 with ones).
+
+Compiled and captured forwards (the device path). The host path above reads Python
+counters and, outside ``generate``, a static cache's length (``int(...)``: a device sync
+that Dynamo would turn into a guard on the tensor's value). Inside a ``torch.compile``
+trace, and always when the `Steerer` is armed ahead (``always_armed=True``, the CUDA
+graph mode), the hook computes the same metadata from tensors instead: absolute
+positions from ``cache_position`` or the cache's length as a tensor, the prompt length
+from `GenerationTracker.device_prompt_len` (written by the ``generate`` wrapper and
+``decoding``, outside any forward; -1 = unknown: a forward that starts the sequence is
+the prompt), the slot from the routing buffers of `fasteer.routing`, updated in place
+by ``Steerer.set``. The phase is then PHASE_MIXED (every carrier armed for any phase
+runs and the token's class picks its slot) and nothing is cached across forwards, so
+a replayed graph recomputes everything from the current buffers. Two checks of the
+host path need host values the device path does not have and are skipped there: the
+shape of an explicit position mask against the prompt outside ``generate``, and (in
+captured graphs) steering set for rows beyond the captured batch.
 """
 from __future__ import annotations
 
@@ -79,6 +95,25 @@ class GenerationTracker:
         self.prompt_len: int | None = None
         self.prompt_mask: torch.Tensor | None = None   # 2-D mask handed to generate
         self.position = 0                               # absolute position of the next token
+        # The prompt length as a device scalar (-1: unknown) for the device path of
+        # `MetadataHook`: compiled graphs and captured CUDA graphs read it by address, so
+        # it is written here, outside any forward, instead of baked in as a Python int.
+        self.device_prompt_len: torch.Tensor | None = None
+        self._published = -1                            # what device_prompt_len holds
+
+    def attach(self, device: torch.device) -> None:
+        """Create the device copy of the prompt length on ``device``."""
+        self.device_prompt_len = torch.full((1,), -1, dtype=torch.long, device=device)
+
+    def _publish(self, prompt_len: int | None) -> int:
+        """Write ``prompt_len`` (None: unknown) to the device scalar; returns the old value
+        as written before (host-side copy, no device read)."""
+        old = self._published
+        value = -1 if prompt_len is None else int(prompt_len)
+        if self.device_prompt_len is not None and value != old:
+            self.device_prompt_len.fill_(value)
+        self._published = value
+        return old
 
     @contextlib.contextmanager
     def generation(self, args, kwargs):
@@ -94,24 +129,34 @@ class GenerationTracker:
                 break
         self.prompt_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.position = 0
+        old = self._publish(self.prompt_len)
         try:
             yield
         finally:
+            current = self._published
             self.__dict__.update(saved)
+            self._published = current
+            self._publish(None if old < 0 else old)
 
 
     @contextlib.contextmanager
     def decoding(self, prompt_len: int):
         """Forwards inside are decode steps continuing a ``prompt_len``-token prompt (for
-        hand-written decode loops, e.g. over a captured graph, where reading a static
-        cache's length would be a device sync)."""
+        hand-written decode loops, where reading a static cache's length would be a
+        device sync). Also publishes ``prompt_len`` to the device path (compiled and
+        captured forwards), which otherwise treats a forward starting at position 0 as
+        the prompt."""
         saved = dict(self.__dict__)
         self.in_generate, self.first_forward = True, False
         self.prompt_len, self.prompt_mask, self.position = prompt_len, None, prompt_len
+        old = self._publish(prompt_len)
         try:
             yield
         finally:
+            current = self._published
             self.__dict__.update(saved)
+            self._published = current
+            self._publish(None if old < 0 else old)
 
 
 def wrap_generate(model, tracker: GenerationTracker):
@@ -161,6 +206,8 @@ class MetadataHook:
         self.state, self.tracker = state, tracker
         self.plan = None          # `DevicePlan` or None (nothing to do)
         self.always_armed = False
+        self.routing = None       # `fasteer.routing.Routing`: read by the device path
+        self.backend = None       # op backend for the carriers (None: FASTEER_BACKEND / auto)
         self._constants: dict = {}
         try:
             self.param_names = [p.name for p in inspect.signature(base.forward).parameters.values()
@@ -200,6 +247,8 @@ class MetadataHook:
             cache = self._arg(args, kwargs, name)
             if cache is not None:
                 break
+        if self.always_armed or torch.compiler.is_compiling():
+            return self._device_call(args, kwargs, ids, embeds, x, B, T, cache)
 
         # where this forward lies relative to the prompt (host ints only)
         in_generate = tracker.in_generate
@@ -239,10 +288,12 @@ class MetadataHook:
             slot = plan.slots(B, T, start, n_prompt, prompt_len, nonpad, device)
         gate = (self._constant(B * T, 1, torch.uint8, device) if nonpad is None
                 else nonpad.reshape(-1).to(torch.uint8).contiguous())
-        state.backend = dispatch.requested_backend(None)
+        state.backend = dispatch.requested_backend(self.backend)
         state.set(phase, slot, gate)
+        return self._protect_embeds(plan, args, kwargs, ids, embeds)
 
-        # The carrier at resid_pre[0] edits the embeddings in place; never a caller's tensor.
+    def _protect_embeds(self, plan, args, kwargs, ids, embeds):
+        """The carrier at resid_pre[0] edits the embeddings in place; never a caller's tensor."""
         if plan is not None and plan.edits_layer0_input and isinstance(embeds, torch.Tensor) \
                 and not isinstance(ids, torch.Tensor):
             kwargs = dict(kwargs)
@@ -253,6 +304,115 @@ class MetadataHook:
                 args[self.param_names.index("inputs_embeds")] = embeds.clone()
             return tuple(args), kwargs
         return None
+
+    # -- the device path: torch.compile and CUDA graphs -------------------------------------
+    def _device_call(self, args, kwargs, ids, embeds, x, B, T, cache):
+        """Per-token metadata from tensors only (see "Compiled and captured forwards").
+
+        Every forward is PHASE_MIXED (carriers armed for any phase run; a token's class
+        picks its slot), positions come from ``cache_position`` or the cache's length as
+        a tensor, the prompt length from the tracker's device scalar, the routing from
+        `fasteer.routing.Routing`: no host sync, no Python value that changes between
+        decode steps, nothing cached across forwards.
+        """
+        state, plan = self.state, self.plan
+        if not self.always_armed and (plan is None or not
+                                      (plan.active_prompt or plan.active_generated)):
+            state.set(PHASE_OFF)
+            return None
+        if plan is not None and plan.max_row >= B:      # shapes only: no sync
+            raise ValueError(f"rows: steering was set for row {plan.max_row} but this batch "
+                             f"has {B} rows (rows index the batch the model sees)")
+        device = x.device
+        pos = self._positions(args, kwargs, T, cache, device)               # [T] absolute
+        pl = self.tracker.device_prompt_len
+        if pl is None:
+            pl = torch.full((1,), -1, dtype=torch.long, device=device)
+        elif pl.device != device:
+            pl = pl.to(device)
+        # prompt tokens: before the known prompt end; else the whole forward if it starts
+        # the sequence (a forward continuing a cache is a decode step)
+        prompt_tok = torch.where(pl >= 0, pos < pl, pos[:1] == 0).view(1, T)
+        nonpad = self._nonpad_device(args, kwargs, B, T, pos, prompt_tok, cache, device)
+        t = torch.arange(T, device=device).view(1, T)
+        real = prompt_tok if nonpad is None else nonpad & prompt_tok
+        last = torch.where(real, t, -1).amax(dim=1, keepdim=True)                  # [B|1, 1]
+        # the last prompt token only exists in the forward that holds the prompt's end
+        ends = torch.where(pl >= 0, (pos == pl - 1).any(), True).view(1, 1)
+        cls = torch.where(prompt_tok, torch.where((t == last) & ends, CLASS_LAST_PROMPT,
+                                                  CLASS_PROMPT), CLASS_GENERATED)
+        rr = self.routing.requests_for(B, device)
+        if plan is not None and plan.any_masks:
+            cls = cls + N_CLASSES * self._mask_bits_device(plan, rr, B, T, pos, prompt_tok,
+                                                           device)
+        slot = self.routing.slots(rr, cls)
+        gate = (torch.ones(B * T, dtype=torch.uint8, device=device) if nonpad is None
+                else nonpad.expand(B, T).reshape(-1).to(torch.uint8))
+        state.backend = dispatch.requested_backend(self.backend)
+        state.set(PHASE_MIXED, slot, gate)
+        return self._protect_embeds(plan, args, kwargs, ids, embeds)
+
+    def _positions(self, args, kwargs, T, cache, device) -> torch.Tensor:
+        """Absolute positions [T] of this forward's tokens, int64, without a host sync."""
+        pos = self._arg(args, kwargs, "cache_position")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 1 and pos.shape[0] == T:
+            return pos.to(device=device, dtype=torch.long)
+        past = _past_length(cache)
+        t = torch.arange(T, device=device)
+        if isinstance(past, torch.Tensor):      # static caches: a device counter
+            return t + past.to(device=device, dtype=torch.long).reshape(-1)[:1]
+        return t + int(past)
+
+    def _nonpad_device(self, args, kwargs, B, T, pos, prompt_tok, cache, device):
+        """`_nonpad` with tensor positions: [B|1, T] bool, or None (no padding)."""
+        mask = self._arg(args, kwargs, "attention_mask")
+        if isinstance(mask, dict):
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        tracker = self.tracker
+        nonpad = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] < T or mask.shape[0] not in (1, B):
+                raise ValueError(f"attention_mask: expected shape [{B}, >= {T}] for input of "
+                                 f"shape [{B}, {T}], got {tuple(mask.shape)}")
+            nonpad = (mask[:, -T:] != 0).to(device)
+        elif tracker.in_generate and tracker.prompt_mask is not None and \
+                B % tracker.prompt_mask.shape[0] == 0:
+            pm = tracker.prompt_mask
+            P = pm.shape[1]
+            cols = (pm != 0).to(device)[:, pos.clamp(max=P - 1)] | (pos >= P).view(1, T)
+            if B != pm.shape[0]:         # num_beams / num_return_sequences expand rows
+                cols = cols.repeat_interleave(B // pm.shape[0], dim=0)
+            nonpad = cols
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            nonpad = self._nonpad_4d(mask, kwargs, B, T, cache, device, pos=pos)
+        if nonpad is not None and tracker.in_generate:
+            nonpad = nonpad | ~prompt_tok    # tokens fed after the prompt are never padding
+        return nonpad
+
+    def _mask_bits_device(self, plan, rr, B, T, pos, prompt_tok, device) -> torch.Tensor:
+        """`DevicePlan._mask_bits` with tensor positions: mask j of a request sets bit j of
+        its rows' prompt tokens at positions the mask marks."""
+        bits = torch.zeros(B, T, dtype=torch.long, device=device)
+        for r, masks in enumerate(plan.masks):
+            if not masks:
+                continue
+            rows = (rr == self.routing.request_row[r]).view(B, 1)
+            for j, m in enumerate(masks):
+                if m.dim() == 1:
+                    m = m.view(1, -1)
+                if m.shape[0] not in (1, B):
+                    raise ValueError(f"positions: mask of shape {tuple(m.shape)} does not match "
+                                     f"a batch of {B} rows (expected [batch, prompt_len] or "
+                                     "[prompt_len])")
+                P = m.shape[-1]
+                known = self.tracker.prompt_len if self.tracker.in_generate else None
+                if known is not None and P != known:
+                    raise ValueError(f"positions: mask of shape {tuple(m.shape)} does not match "
+                                     f"the prompt [{B}, {known}] (expected [batch, prompt_len] "
+                                     "or [prompt_len])")
+                on = (m != 0)[:, pos.clamp(max=P - 1)] & (pos < P).view(1, T) & prompt_tok
+                bits = bits | ((on & rows).long() << j)
+        return bits
 
     # -- padding -------------------------------------------------------------------------
     def _nonpad(self, args, kwargs, B, T, start, n_prompt, cache, device):
@@ -283,8 +443,9 @@ class MetadataHook:
             return None              # e.g. a flex-attention BlockMask: no padding info
         return None
 
-    def _nonpad_4d(self, mask, kwargs, B, T, cache, device):
-        pos = kwargs.get("cache_position")
+    def _nonpad_4d(self, mask, kwargs, B, T, cache, device, pos=None):
+        if pos is None:
+            pos = kwargs.get("cache_position")
         if not isinstance(pos, torch.Tensor):
             past = _past_length(cache)
             pos = torch.arange(T, device=mask.device) + (past.to(mask.device)

@@ -21,6 +21,8 @@ Carriers and the numerics they keep:
   float rounding).
 * Hook carriers (``input``/``output``) edit the tensor at a module boundary in place
   with ``steer_``.
+* Full-SAE replaces planned at a point (``SAEReplace``, TopK or multi-feature
+  ``FeatureEdit``; `fasteer.sae.carrier`) run first, in place, then the steer edits.
 * Autograd on (grad enabled and the hidden state requires grad): the edit is computed
   out of place by the differentiable ``steer_norm`` on a copy and written back with
   ``Tensor.copy_``, which autograd records, so the caller's ``residual`` sees the
@@ -31,6 +33,42 @@ Carriers and the numerics they keep:
 Patching twice is an error (never double steering); `Steerer.unpatch` restores every
 forward, hook and the ``generate`` attribute, leaving a model that computes bit for bit
 what it computed before.
+
+Compiled and captured forwards
+------------------------------
+Patch first, then compile or capture: the carriers and the metadata hook are traced
+into the graph (Dynamo does not guard on hooks added later).
+
+* ``torch.compile(model, fullgraph=True)``: no graph break comes from fasteer. Inside a
+  trace the metadata hook takes its device path (`fasteer.metadata`): every token's slot
+  is computed with tensor ops from the cache position, a device copy of the prompt
+  length and the routing buffers (`fasteer.routing`), with no host sync and no Python
+  value that changes between decode steps. The tables are graph inputs updated in
+  place, so ``st.set`` with a new α, vector or per-row assignment reuses the compiled
+  graphs; arming or disarming a carrier (steering another layer) or ``st.backend = ...``
+  recompiles once. ``FASTEER_BACKEND`` is read when a graph is traced.
+* CUDA graphs: ``st = fs.patch(model, sites=..., slots=S, always_armed=True)`` arms
+  every carrier at those sites ahead of time: each runs the fused kernel whether or not
+  it has work (an empty slot table is a plain norm), the metadata hook always takes the
+  device path, and the tables (S slots of ``edits`` edits, ``vectors`` bank rows) and
+  the routing buffers are never reallocated. Capture a decode step once, then between
+  replays ``st.set(...)``/``st.clear()`` rewrite the tables, α, vectors and which rows
+  use which slot in place; a plan that would not fit raises a ValueError (the graph
+  holds the buffers' addresses) instead of reallocating. Recipe::
+
+      st = fs.patch(model, sites=["resid_post"], slots=8, always_armed=True)
+      cache = StaticCache(config=model.config, max_cache_len=L)
+      model(input_ids=prompt, cache=cache)                  # prefill, eager
+      ... warm up the decode step on a side stream ...
+      g = torch.cuda.CUDAGraph()
+      with torch.cuda.graph(g):
+          logits = model(input_ids=static_tok, cache=cache).logits
+      st.set(fs.Add(vec, 4.0), rows=[0, 2])                 # no re-capture
+      static_tok.copy_(next_tok); g.replay()
+
+  A forward continuing a non-empty cache is a decode step; inside ``generate`` or
+  ``st.decoding(prompt_len)`` the prompt length decides. Explicit position masks
+  (``positions=<tensor>``) are read when the graph is captured.
 """
 from __future__ import annotations
 
@@ -44,7 +82,10 @@ from . import ops
 from .metadata import (PHASE_OFF, DevicePlan, GenerationTracker, MetadataHook, TokenState,
                        wrap_generate)
 from .ops import layout as L
+from .ops import dispatch
 from .plan import LoweringContext, Request, SlotTables, compile_plan
+from .routing import Routing, _mark_static
+from .sae.carrier import sync_sae_stages
 from .sites import SITES, ModelSites, StreamPoint, model_sites
 
 __all__ = ["Steerer", "patch", "steer"]
@@ -75,6 +116,9 @@ class _Carrier:
         # armed[phase]: does this carrier have work in a forward of that phase
         self.armed = (False, False, False, False)
         self.installed = False
+        # full-SAE replaces planned here (`fasteer.sae.carrier.SAEStages`), run before the
+        # steer edits; None when there are none
+        self.sae_stages = None
 
     def set_armed(self, prompt: bool, generated: bool, always: bool) -> None:
         """Arm for the given phases; a carrier with no work in any phase is uninstalled,
@@ -125,6 +169,12 @@ class _Carrier:
                        validate=False)
             h.copy_(tmp)
 
+    def sae_(self, h: torch.Tensor) -> None:
+        """Run the full-SAE replaces planned at this point on ``h``, in place."""
+        if self.sae_stages is not None:
+            slot, gate = self._tokens(h)
+            self.sae_stages.apply_(h, slot, gate, self.state.backend)
+
 
 class _NormCarrier(_Carrier):
     """Replaces a pre-norm's forward with the fused steer+norm."""
@@ -162,6 +212,7 @@ class _NormCarrier(_Carrier):
         if not self.armed[self.state.phase]:
             return self.original(hidden_states, *args, **kwargs)
         h = hidden_states
+        self.sae_(h)
         w = self.weight
         if args or kwargs or w is None or h.dtype is not w.dtype or not h.is_contiguous() or \
                 (h.requires_grad and torch.is_grad_enabled()):
@@ -203,6 +254,7 @@ class _HookCarrier(_Carrier):
         if not isinstance(h, torch.Tensor):
             raise RuntimeError(f"fasteer: cannot find the hidden state entering "
                                f"{type(module).__name__} at {self.point.key}")
+        self.sae_(h)
         self.edit_(h)
         return None
 
@@ -213,6 +265,7 @@ class _HookCarrier(_Carrier):
         if not isinstance(h, torch.Tensor):
             raise RuntimeError(f"fasteer: cannot find the hidden state leaving "
                                f"{type(module).__name__} at {self.point.key}")
+        self.sae_(h)
         self.edit_(h)
         return None
 
@@ -280,10 +333,15 @@ class Steerer:
     """Steering installed in one model. Made by `fasteer.patch`; see the module docstring."""
 
     def __init__(self, model: nn.Module, *, slots: int | None = None, sites=None,
-                 always_armed: bool = False):
-        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
-                                  or slots < 1):
-            raise ValueError(f"slots: expected a positive int (initial slot capacity), got {slots!r}")
+                 always_armed: bool = False, edits: int | None = None,
+                 vectors: int | None = None, backend: str | None = None):
+        for name, value in (("slots", slots), ("edits", edits), ("vectors", vectors)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name}: expected a positive int (initial {name} capacity), "
+                                 f"got {value!r}")
+        if backend is not None:
+            dispatch.requested_backend(backend)      # validates the name
         if not isinstance(always_armed, bool):
             raise TypeError(f"always_armed: expected a bool, got {type(always_armed).__name__}")
         self.sites = model_sites(model)
@@ -300,14 +358,27 @@ class Steerer:
         keys = _site_points(self.sites, sites)
         self.carriers: dict[tuple[str, int], _Carrier] = {}
         capacity = slots or 4
+        # Armed ahead (CUDA graphs): fixed buffers, sized so a typical plan fits -- up to
+        # two edits per slot and one distinct vector per edit.
+        edit_capacity = edits or (2 if always_armed else 1)
+        vector_capacity = vectors or (capacity * edit_capacity if always_armed else 1)
         for key in sorted(keys, key=lambda k: (k[1], k[0] == "pre")):
             point = self.sites.points[key]
-            tables = SlotTables(self.sites.hidden, _module_device(point.module), slots=capacity)
+            tables = SlotTables(self.sites.hidden, _module_device(point.module), slots=capacity,
+                                edits=edit_capacity, bank_rows=vector_capacity)
+            if always_armed:
+                _mark_static(tables.meta, tables.params, tables.bank)
             cls = _NormCarrier if point.kind == "norm" else _HookCarrier
             self.carriers[key] = cls(point, tables, self.state)
         self.metadata = MetadataHook(self.sites.base, self.state, self.tracker)
         self.metadata.always_armed = always_armed
         self._device = _module_device(self.sites.base)
+        self.metadata.backend = backend
+        self.metadata.routing = Routing(self._device, requests=capacity,
+                                        rows=1024 if always_armed else 64, fixed=always_armed)
+        self.tracker.attach(self._device)
+        if always_armed:
+            _mark_static(self.tracker.device_prompt_len)
         self._install_generate, self._remove_generate = wrap_generate(model, self.tracker)
         # install: nothing above touched the model (carriers install when armed)
         for c in self.carriers.values():
@@ -368,6 +439,21 @@ class Steerer:
         out.append(Request(ivs, rows))
         return out
 
+    def watch(self, sae, features, *, max_tokens: int = 256, tokens: str = "all", layer=None,
+              site=None, batch_size: int | None = None):
+        """Record SAE ``features``' activations for every token into a preallocated buffer
+        ``[batch, max_tokens, K]``; returns a `fasteer.sae.watch.Watch` (``.values()``,
+        ``.clear()``, ``.remove()``). ``tokens="generated"`` records only tokens fed after
+        the prompt. Reads the stream after fasteer's edits at the SAE's site (default: its
+        layer and site) with one [N, D] x [D, K] product per forward (the full encode for
+        TopK SAEs); see `fasteer.sae.watch` for the cost."""
+        from .sae.watch import Watch
+        self._check_patched()
+        w = Watch(self, sae, features, max_tokens=max_tokens, tokens=tokens, layer=layer,
+                  site=site, batch_size=batch_size)
+        self.__dict__.setdefault("_watches", []).append(w)
+        return w
+
     def decoding(self, prompt_len: int):
         """Context manager: the forwards inside are decode steps after a ``prompt_len``-token
         prompt (what ``generate`` tells fasteer itself). For hand-written decode loops,
@@ -393,6 +479,8 @@ class Steerer:
                 c.uninstall()
             except RuntimeError as exc:
                 errors.append(str(exc))
+        for w in list(getattr(self, "_watches", ())):
+            w.remove()
         self._meta_handle.remove()
         self._remove_generate()
         _PATCHED.pop(self.sites.layers, None)
@@ -425,22 +513,62 @@ class Steerer:
         self._lowered[id(iv)] = (iv, edits)
         return edits
 
+    def _check_capacity(self, compiled) -> None:
+        """Armed ahead, the buffers never move (a captured CUDA graph holds their
+        addresses): refuse a plan that does not fit instead of reallocating them."""
+        if compiled is not None:
+            self._check_tables(compiled)
+        self.metadata.routing.check(compiled)
+
+    def _check_tables(self, compiled) -> None:
+        for key, pt in compiled.points.items():
+            tables = self.carriers[key].tables
+            if tables.fits(pt):
+                continue
+            need = (pt.meta.shape[0], pt.meta.shape[1], pt.bank.shape[0])
+            have = (tables.meta.shape[0], tables.meta.shape[1], tables.bank.shape[0])
+            arg = next(n for n, a, b in zip(("slots", "edits", "vectors"), need, have) if a > b)
+            raise ValueError(
+                f"{arg}: the plan needs {need[0]} slots, {need[1]} edits per slot and "
+                f"{need[2]} vectors at {key}, but fasteer.patch(..., always_armed=True) armed "
+                f"room for {have[0]} slots, {have[1]} edits and {have[2]} vectors. The tables "
+                "are fixed so that captured CUDA graphs stay valid; patch again with larger "
+                "slots=, edits= or vectors=")
+
+    @property
+    def backend(self) -> str | None:
+        """The op backend the carriers use (None: ``FASTEER_BACKEND`` or automatic)."""
+        return self.metadata.backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None:
+            dispatch.requested_backend(name)         # validates the name
+        self.metadata.backend = name
+
     def _commit(self, requests: list[Request]) -> None:
         compiled = compile_plan(requests, self.sites, self._ctx, self._lower) if requests else None
         if compiled is not None:
-            missing = [k for k in compiled.points if k not in self.carriers]
+            missing = [k for k in (*compiled.points, *compiled.sae_points)
+                       if k not in self.carriers]
             if missing:
                 raise ValueError(f"sites: no carrier installed at {missing} (patch(model, "
                                  f"sites=...) left them out)")
             device_plan = DevicePlan(compiled, self._device)
         else:
             device_plan = None
+        if self.always_armed:
+            self._check_capacity(compiled)
         # validated: now change the live tables
+        self.metadata.routing.write(compiled)
         for key, carrier in self.carriers.items():
             pt = None if compiled is None else compiled.points.get(key)
             if not carrier.tables.fits(pt):
                 carrier.tables.grow_for(pt)
             carrier.tables.write(pt)
+            carrier.sae_stages = sync_sae_stages(
+                carrier.sae_stages, None if compiled is None else compiled.sae_points.get(key),
+                carrier.device)
             armed = (False, False) if compiled is None else compiled.armed.get(key, (False, False))
             carrier.set_armed(*armed, self.always_armed)
         self.metadata.plan = device_plan
@@ -450,15 +578,23 @@ class Steerer:
 
 
 def patch(model: nn.Module, slots: int | None = None, sites=None, *,
-          always_armed: bool = False) -> Steerer:
+          always_armed: bool = False, edits: int | None = None, vectors: int | None = None,
+          backend: str | None = None) -> Steerer:
     """Install fasteer's carriers into ``model`` and return its `Steerer`.
 
     ``slots``: initial slot capacity of the tables (they grow when a plan needs more).
     ``sites``: restrict carriers to these site names (default: every point of the stream).
-    ``always_armed``: carriers run the fused op even with nothing to do (a fixed op
-    sequence for graph capture); unsteered rows then equal the model's norm within rounding.
+    ``always_armed``: arm ahead for CUDA graphs -- carriers run the fused op even with
+    nothing to do (a fixed op sequence; unsteered rows equal the model's norm within
+    rounding), the per-token metadata is computed on the device, and the tables hold
+    ``slots`` slots of ``edits`` edits (default 2) reading up to ``vectors`` distinct
+    vectors per site (default slots * edits); they are never reallocated, so a plan that
+    does not fit raises instead (see "Compiled and captured forwards" above).
+    ``backend``: op backend for the carriers ("reference", "cpu", "triton", "cuda";
+    default: ``FASTEER_BACKEND`` or automatic); also settable as ``st.backend``.
     """
-    return Steerer(model, slots=slots, sites=sites, always_armed=always_armed)
+    return Steerer(model, slots=slots, sites=sites, always_armed=always_armed, edits=edits,
+                   vectors=vectors, backend=backend)
 
 
 def steer(model: nn.Module, *interventions, rows=None) -> Steerer:

@@ -12,7 +12,9 @@ protocol -- ``intervention.lower(ctx) -> list[Edit]`` -- to *edits*: one entry o
    per-token metadata reads once per forward;
 2. writes, for every stream point, the edits of every slot in the order the
    interventions were given (``meta``/``params``), with the vectors they read stored once
-   (``bank``; an alpha sweep over 256 rows stores its vector once).
+   (``bank``; an alpha sweep over 256 rows stores its vector once). Full-SAE replaces
+   (`SAEReplaceEdit`, from ``SAEReplace`` and some ``FeatureEdit``s) get their own per-point
+   tables (`fasteer.sae.carrier`) and run before the point's steer edits.
 
 Compiling is pure (host tensors, nothing of the model touched), so `Steerer.set`
 validates everything before any live table changes. `SlotTables` are the preallocated
@@ -73,6 +75,23 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class SAEReplaceEdit:
+    """One lowered full-SAE replace at (layer, site): encode -> latent edits -> decode.
+
+    The second lowering target next to `Edit`, for what the sparse FEATURE edit cannot do
+    exactly (TopK SAEs, several features edited jointly, dropping the error term).
+    ``weights`` is a `fasteer.sae.carrier.SAEWeights`; ``edits`` are ``(feature, op, value,
+    hi)`` tuples (op a `fasteer.ops.layout` FEAT_* code). A carrier runs the SAE replaces of
+    a point before its steer edits (`fasteer.sae.carrier`).
+    """
+    layer: int
+    site: str
+    weights: object
+    edits: tuple = ()
+    keep_error: bool = True
+
+
+@dataclass(frozen=True)
 class LoweringContext:
     """What an intervention may know about the model when it lowers."""
     n_layers: int
@@ -110,6 +129,8 @@ class CompiledPlan:
     active_prompt: bool = False
     active_generated: bool = False
     edits_layer0_input: bool = False           # ("pre", 0) edited: clone user inputs_embeds
+    # per stream point: the full-SAE replaces (`fasteer.sae.carrier.SAEPointPlan`)
+    sae_points: dict = field(default_factory=dict)
 
 
 def rule_passes(rule, cls: int, bits: int, mask_index: dict[int, int]) -> bool:
@@ -144,7 +165,7 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
             edits = lower(iv)
             mapped = []
             for e in edits:
-                if not isinstance(e, Edit):
+                if not isinstance(e, (Edit, SAEReplaceEdit)):
                     raise TypeError(f"{type(iv).__name__}.lower: expected Edit entries, "
                                     f"got {type(e).__name__}")
                 point = sites.stream_point(e.layer, e.site)
@@ -197,10 +218,15 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
 
     # 3. per stream point: entries per slot, in intervention order, with a shared bank
     entries: dict[tuple[str, int], dict[int, list[Edit]]] = {}
+    sae_entries: dict[tuple[str, int], dict[int, list[SAEReplaceEdit]]] = {}
     for s, (r, members) in enumerate(slot_members):
         for i in members:
             for point, e in lowered[r][i]:
-                entries.setdefault(point, {}).setdefault(s, []).append(e)
+                if isinstance(e, SAEReplaceEdit):
+                    _check_sae_order(entries, point, s, requests[r].interventions[i])
+                    sae_entries.setdefault(point, {}).setdefault(s, []).append(e)
+                else:
+                    entries.setdefault(point, {}).setdefault(s, []).append(e)
     points: dict[tuple[str, int], PointTables] = {}
     armed: dict[tuple[str, int], tuple[bool, bool]] = {}
     for point, per_slot in entries.items():
@@ -208,6 +234,8 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
         has = points[point].slot_has_edits
         armed[point] = (any(has[s] and slot_prompt[s] for s in range(n_slots)),
                         any(has[s] and slot_generated[s] for s in range(n_slots)))
+
+    sae_points = _plan_sae_points(sae_entries, n_slots, slot_prompt, slot_generated, armed)
 
     default_request = -1
     row_requests: dict[int, int] = {}
@@ -222,7 +250,34 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
         row_requests=row_requests, masks=masks, points=points, armed=armed,
         active_prompt=any(a[0] for a in armed.values()),
         active_generated=any(a[1] for a in armed.values()),
-        edits_layer0_input=("pre", 0) in points and any(armed[("pre", 0)]))
+        edits_layer0_input=any(armed.get(("pre", 0), (False, False))),
+        sae_points=sae_points)
+
+
+def _check_sae_order(entries, point, slot: int, intervention) -> None:
+    """A carrier runs a point's SAE replaces before its steer edits: refuse a plan that
+    asks for the opposite order instead of silently reordering it."""
+    if entries.get(point, {}).get(slot):
+        raise ValueError(
+            f"interventions: {type(intervention).__name__} runs the full SAE op, which fasteer "
+            f"applies before the other edits at the same site ({point}); list it before the "
+            "interventions (Add, Clamp, single-feature FeatureEdit, ...) at that site")
+
+
+def _plan_sae_points(sae_entries, n_slots, slot_prompt, slot_generated, armed) -> dict:
+    """Host tables of the full-SAE replaces per stream point; arms their points."""
+    if not sae_entries:
+        return {}
+    from .sae.carrier import plan_sae_point   # the SAE package builds on this module
+
+    out = {}
+    for point, per_slot in sae_entries.items():
+        out[point] = plan = plan_sae_point(per_slot, n_slots)
+        has = plan.slot_has_edits
+        prompt, generated = armed.get(point, (False, False))
+        armed[point] = (prompt or any(has[s] and slot_prompt[s] for s in range(n_slots)),
+                        generated or any(has[s] and slot_generated[s] for s in range(n_slots)))
+    return out
 
 
 def _point_tables(per_slot: dict[int, list[Edit]], n_slots: int, hidden: int) -> PointTables:

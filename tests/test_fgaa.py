@@ -1,0 +1,185 @@
+"""`fasteer.extract.fgaa` against a direct computation: each prompt run alone (no padding)
+with ``output_hidden_states=True``, the SAE's own ``encode`` in float64, the filters and the
+top-k written out here, the decode as ``sum_k v[k] W_dec[k] / s``."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import fasteer as fs
+from fasteer.extract import feature_density, fgaa
+from sae_reference import random_sae
+
+WORDS = "the a cat dog sat ran on mat happy sad very not is was big small red blue it we they".split()
+D, F = 40, 61
+
+
+def make_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
+    specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A",
+                                                           special_tokens=[("[BOS]", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _scaled(model):
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=D, intermediate_size=56,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    return _scaled(LlamaForCausalLM(config)), make_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(WORDS) + 4, n_embd=D, n_layer=3, n_head=4, n_positions=64)
+    return _scaled(GPT2LMHeadModel(config)), make_tokenizer(bos=False)
+
+
+def prompts(n, seed, lo=2, hi=8):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def _latents(model, tokenizer, sae, texts, layer):
+    """Per prompt: float64 latents [T, F] of resid_post[layer] and whether token 0 is BOS."""
+    s64 = sae.to(dtype=torch.float64)
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        out.append((s64.encode(hs[layer + 1][0].double()), int(ids[0, 0]) == tokenizer.bos_token_id))
+    return out
+
+
+def direct_fgaa(model, tokenizer, sae, pos, neg, *, threshold, top_k, bos_filter, density=None):
+    lp, ln = _latents(model, tokenizer, sae, pos, sae.layer), _latents(model, tokenizer, sae, neg, sae.layer)
+    v = torch.stack([z.mean(0) for z, _ in lp]).mean(0) - torch.stack([z.mean(0) for z, _ in ln]).mean(0)
+    every = torch.cat([z for z, _ in lp + ln])
+    rate = density.double() if density is not None else (every > 0).double().mean(0)
+    keep = (rate <= threshold) & (v > 0)
+    if bos_filter:
+        for z, is_bos in lp + ln:
+            if is_bos:
+                keep &= ~(z[0] > 0)
+    idx = torch.nonzero(keep).flatten()
+    order = idx[torch.argsort(v[idx], descending=True)][:top_k]
+    vec = (v[order].unsqueeze(-1) * sae.W_dec.double()[order] / sae.input_scale).sum(0)
+    return vec, order.tolist(), v
+
+
+@pytest.mark.parametrize("which,activation,scale", [("llama", "relu", None), ("llama", "jumprelu", 1.7),
+                                                   ("gpt2", "topk", None)])
+def test_fgaa_matches_the_direct_computation(which, activation, scale, request):
+    model, tok = request.getfixturevalue(which)
+    sae = random_sae(D, F, activation, seed=51, layer=1, site="resid_post", scale=scale,
+                     gain=0.5 / (scale or 1.0))
+    pos, neg = prompts(6, 1), prompts(5, 2)
+    sv = fgaa(model, tok, sae, pos, neg, density_threshold=0.35, top_k=6, batch_size=4,
+              progress=False)
+    vec, order, v = direct_fgaa(model, tok, sae, pos, neg, threshold=0.35, top_k=6, bos_filter=True)
+    assert sv.site == "resid_post" and sv.layers == [1]
+    assert sv.metadata["method"] == "fgaa" and sv.metadata["features"] == order
+    assert len(order) == 6
+    assert torch.allclose(torch.tensor(sv.metadata["feature_weights"], dtype=torch.float64),
+                          v[order], rtol=1e-5, atol=1e-6)
+    got = sv.directions[1].double()
+    assert float((got - vec).abs().max()) <= 1e-5 * float(vec.abs().max())
+    # Add(vec) is what a user applies: it steers
+    ids = torch.tensor([tok(pos[0])["input_ids"]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with fs.steer(model, fs.Add(sv, 4.0)):
+            steered = model(input_ids=ids).logits
+    assert float((steered - plain).abs().max()) > 1e-2
+
+
+def test_fgaa_filters(llama):
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=52, layer=1, site="resid_post", gain=0.5,
+                     apply_b_dec=False)
+    # feature 0 reads the BOS token's residual; short positive prompts weigh their BOS token
+    # more in the token average, so it gets a large positive contrast -- the artefact the
+    # BOS filter is for
+    with torch.no_grad():
+        h_bos = model(input_ids=torch.tensor([[tok.bos_token_id]]),
+                      output_hidden_states=True).hidden_states[2][0, 0]
+    sae.W_enc[:, 0] = 3 * h_bos / h_bos.norm()
+    sae.b_enc[0] = -2.4 * h_bos.norm()
+    pos, neg = prompts(6, 3, 2, 3), prompts(6, 4, 6, 9)
+    common = dict(top_k=8, progress=False)
+    # the BOS filter removes features that fire on [BOS]; without it they can be picked
+    with_bos = fgaa(model, tok, sae, pos, neg, density_threshold=0.5, **common)
+    no_bos = fgaa(model, tok, sae, pos, neg, density_threshold=0.5, bos_feature_filter=False, **common)
+    _, want_with, _ = direct_fgaa(model, tok, sae, pos, neg, threshold=0.5, top_k=8, bos_filter=True)
+    _, want_without, _ = direct_fgaa(model, tok, sae, pos, neg, threshold=0.5, top_k=8, bos_filter=False)
+    assert with_bos.metadata["features"] == want_with
+    assert no_bos.metadata["features"] == want_without
+    assert 0 in want_without and 0 not in want_with and with_bos.metadata["dropped_bos"] > 0
+    # a given density replaces the one measured on the prompts
+    density = torch.zeros(F, dtype=torch.float64)
+    density[want_without[:3]] = 0.2
+    given = fgaa(model, tok, sae, pos, neg, density_threshold=0.01, density=density,
+                 bos_feature_filter=False, **common)
+    _, want_given, _ = direct_fgaa(model, tok, sae, pos, neg, threshold=0.01, top_k=8,
+                                   bos_filter=False, density=density)
+    assert given.metadata["features"] == want_given
+    assert not set(want_without[:3]) & set(want_given)
+    assert given.metadata["density_source"] == "given"
+    # the measured density drops features firing on more than the threshold of tokens
+    strict = fgaa(model, tok, sae, pos, neg, density_threshold=0.3, bos_feature_filter=False, **common)
+    _, want_strict, _ = direct_fgaa(model, tok, sae, pos, neg, threshold=0.3, top_k=8, bos_filter=False)
+    assert strict.metadata["features"] == want_strict and want_strict != want_without
+    # nothing left: a clear error saying why
+    with pytest.raises(ValueError, match=r"fgaa: no feature left: \d+ dropped as denser than 0.0"):
+        fgaa(model, tok, sae, pos, neg, density_threshold=0.0, **common)
+
+
+def test_feature_density_matches_direct(gpt2):
+    model, tok = gpt2
+    sae = random_sae(D, F, "jumprelu", seed=53, layer=1, site="resid_post", gain=0.5)
+    texts = prompts(7, 5)
+    got = feature_density(model, tok, sae, texts, batch_size=3, progress=False)
+    every = torch.cat([z for z, _ in _latents(model, tok, sae, texts, 1)])
+    assert torch.allclose(got, (every > 0).double().mean(0))
+    assert 0 < float(got.max()) <= 1
+
+
+def test_fgaa_bad_input(llama):
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=54, layer=1, site="resid_post")
+    pos, neg = prompts(3, 6), prompts(3, 7)
+    with pytest.raises(ValueError, match=r"sae: d_in = 33 but the model's hidden size is 40"):
+        fgaa(model, tok, random_sae(33, F, "relu", seed=55, layer=1), pos, neg, progress=False)
+    with pytest.raises(TypeError, match="sae: expected a fasteer.SAE"):
+        fgaa(model, tok, "sae", pos, neg, progress=False)
+    with pytest.raises(ValueError, match="density_threshold: expected a fraction in"):
+        fgaa(model, tok, sae, pos, neg, density_threshold=1.5, progress=False)
+    with pytest.raises(ValueError, match="top_k: expected a positive int"):
+        fgaa(model, tok, sae, pos, neg, top_k=0, progress=False)
+    with pytest.raises(ValueError, match=rf"density: expected a float tensor \[d_sae\] = \[{F}\]"):
+        fgaa(model, tok, sae, pos, neg, density=torch.zeros(F + 1), progress=False)
+    with pytest.raises(ValueError, match="positive: expected at least one prompt"):
+        fgaa(model, tok, sae, [], neg, progress=False)
+    with pytest.warns(UserWarning, match=r"trained at resid_post\[1\].*resid_post\[4\]"), \
+            pytest.raises(ValueError, match="out of range"):
+        fgaa(model, tok, sae, pos, neg, layer=4, progress=False)
