@@ -5,18 +5,19 @@ steering *measurably* working. With a language we wrote, both things steering is
 have exact answers:
 
 * **attribute** -- every sentiment-bearing word (adjectives, verbs like "loved"/"hated",
-  sentence adverbs like "luckily"/"sadly", "recommend"/"avoid") is in a lexicon with a
-  polarity, so :func:`attribute_score` is the fraction of positive words among them;
-* **fluency** -- the grammar is a context-free grammar, so :func:`is_grammatical` runs a real
-  recognizer: a text either parses or it does not (topic agreement included: "the soup was
-  tasty" parses, "the weather was tasty" does not).
+  adverbs like "luckily"/"sadly" and "gladly"/"reluctantly", "recommend"/"avoid") is in a
+  lexicon with a polarity, so :func:`attribute_score` is the share of positive words among
+  them;
+* **fluency** -- the grammar is a context-free grammar and :func:`is_grammatical` runs a
+  real recognizer over it: a text parses or it does not.
 
-Texts are a few sentences on one topic (food, weather, media, places, people). A text opens
-with zero to two *neutral* sentences ("anna ate the soup at the cafe .") and goes on with one
-to three sentiment sentences that all share one polarity, drawn 50/50 and independent of
-the neutral part. So after a neutral prompt the continuation's polarity is a fair coin the
-model has to decide -- exactly what a steering vector should tip -- and once the first
-sentiment word is out, the rest of the text follows it.
+Texts are a few sentences on one topic (food, weather, media, places, people), ~300 words
+in all. A text opens with zero to two *neutral* sentences ("anna ate the soup at the cafe
+."), then has a sentiment sentence and often one more sentence; every sentiment word of a
+text has one polarity, drawn 50/50 independently of the neutral opening. So after a
+neutral prompt the polarity of the continuation is a fair coin the model has to toss --
+exactly what a steering vector should tip -- and once the first sentiment word is out, the
+rest of the text follows it.
 
 Words are lower case, separated by single spaces; "." and "," are words of their own.
 The generator uses ``random.Random`` (stable across Python versions and platforms), so a
@@ -79,6 +80,10 @@ SENTENCE_ADVERBS = {
     "pos": ("luckily", "thankfully", "happily", "fortunately"),
     "neg": ("sadly", "unfortunately", "regrettably", "unluckily"),
 }
+MANNER_ADVERBS = {
+    "pos": ("gladly", "eagerly", "cheerfully", "proudly"),
+    "neg": ("reluctantly", "grudgingly", "angrily", "wearily"),
+}
 RECOMMEND_VERBS = {"pos": ("recommend",), "neg": ("avoid",)}
 
 INTENSIFIERS = ("very", "really", "quite", "so", "rather", "truly", "incredibly", "fairly",
@@ -105,7 +110,8 @@ LOCATION_PREPOSITIONS = ("at", "in", "near")
 
 def _polar_words(polarity: str) -> frozenset[str]:
     words = set(GENERAL_ADJECTIVES[polarity]) | set(SENTIMENT_VERBS[polarity])
-    words |= set(SENTENCE_ADVERBS[polarity]) | set(RECOMMEND_VERBS[polarity])
+    words |= set(SENTENCE_ADVERBS[polarity]) | set(MANNER_ADVERBS[polarity])
+    words |= set(RECOMMEND_VERBS[polarity])
     for topic in TOPICS:
         words |= set(TOPIC_ADJECTIVES[topic][polarity])
     return frozenset(words)
@@ -116,67 +122,53 @@ NEGATIVE_WORDS = _polar_words("neg")
 
 # --------------------------------------------------------------------------------------
 # Grammar: nonterminal -> productions. A symbol is a nonterminal (a key of RULES), a word
-# class (a key of CLASSES: one word out of a set) or a literal word. Polarity is not part
-# of the syntax -- "the soup was tasty and bland ." is grammatical, just mixed in sentiment.
+# class (a key of CLASSES: one word out of a set) or a literal word. The grammar is about
+# syntax only: neither polarity nor topic is part of it -- "the soup was tasty and bland ."
+# and "our weather was tasty ." are grammatical (mixed, odd); "the tasty was soup .",
+# "the anna ate ." and "the soup was very very good ." are not. It accepts more than the
+# generator writes (any determiner, names as objects), so that it judges syntax, not style.
 # --------------------------------------------------------------------------------------
 
 CLASSES: dict[str, frozenset[str]] = {
-    "NAME": frozenset(NAMES), "PRON": frozenset(PRONOUNS), "POSS": frozenset(POSSESSIVES),
-    "REL": frozenset(RELATIVES), "INT": frozenset(INTENSIFIERS),
+    "NAME": frozenset(NAMES), "PRON": frozenset(PRONOUNS + ("it",)),
+    "POSS": frozenset(POSSESSIVES), "INT": frozenset(INTENSIFIERS),
+    "N": frozenset(RELATIVES + tuple(n for t in TOPICS for n in NOUNS[t])),
+    "ADJ": frozenset(w for p in ("pos", "neg") for w in GENERAL_ADJECTIVES[p]
+                     + tuple(a for t in TOPICS for a in TOPIC_ADJECTIVES[t][p])),
     "SADV": frozenset(SENTENCE_ADVERBS["pos"] + SENTENCE_ADVERBS["neg"]),
+    "MADV": frozenset(MANNER_ADVERBS["pos"] + MANNER_ADVERBS["neg"]),
     "SVERB": frozenset(SENTIMENT_VERBS["pos"] + SENTIMENT_VERBS["neg"]),
+    "NVERB": frozenset(v for t in TOPICS for v in NEUTRAL_VERBS[t]),
     "RECV": frozenset(RECOMMEND_VERBS["pos"] + RECOMMEND_VERBS["neg"]),
     "SAYV": frozenset(SAY_VERBS), "DAY": frozenset(DAYS), "PART": frozenset(PARTS_OF_DAY),
     "TUNIT": frozenset(TIME_UNITS), "LPREP": frozenset(LOCATION_PREPOSITIONS),
-    "PRO3": frozenset(("it", "he", "she")), "N_time": frozenset(TIME_NOUNS),
 }
-for _t in TOPICS:
-    CLASSES[f"N_{_t}"] = frozenset(NOUNS[_t])
-    CLASSES[f"ADJ_{_t}"] = frozenset(
-        GENERAL_ADJECTIVES["pos"] + GENERAL_ADJECTIVES["neg"]
-        + TOPIC_ADJECTIVES[_t]["pos"] + TOPIC_ADJECTIVES[_t]["neg"])
-    CLASSES[f"NV_{_t}"] = frozenset(NEUTRAL_VERBS[_t])
 
+# One or more of a symbol, kept apart from RULES so the recognizer loops instead of
+# recursing (a long text must not hit Python's recursion limit).
+REPEATS: dict[str, str] = {"TEXT": "SENT", "MODS": "MOD"}
 
-def _build_rules() -> dict[str, list[tuple[str, ...]]]:
-    rules: dict[str, list[tuple[str, ...]]] = {
-        "TEXT": [("SENT",), ("SENT", "TEXT")],
-        "SENT": [],
-        "SUBJ": [("NAME",), ("PRON",), ("POSS", "REL")],
-        "TIME": [("yesterday",), ("today",), ("tonight",), ("last", "TUNIT"),
-                 ("this", "TUNIT"), ("on", "DAY"), ("in", "the", "PART")],
-        "LOC": [("LPREP", "the", "N_place")],
-        "COMP": [("with", "NAME"), ("with", "POSS", "REL")],
-        "MOD": [("LOC",), ("COMP",), ("TIME",)],
-        "MODS": [("MOD",), ("MOD", "MODS")],
-        "WLOC": [("outside",), ("LOC",)],
-    }
-    for t in TOPICS:
-        np, ap = f"NP_{t}", f"AP_{t}"
-        rules[np] = [("the", f"N_{t}")]
-        rules[ap] = [(f"ADJ_{t}",), ("INT", f"ADJ_{t}")]
-        rules["SENT"] += [
-            # sentiment sentences
-            (np, "was", ap, "."),
-            (np, "was", ap, "and", ap, "."),
-            ("SADV", ",", np, "was", ap, "."),
-            ("SUBJ", "SVERB", np, "."),
-            ("SUBJ", "SVERB", np, "because", "PRO3", "was", ap, "."),
-            ("SUBJ", "SAYV", np, "was", ap, "."),
-            ("SUBJ", "would", "RECV", np, "."),
-        ]
-        if t == "weather":
-            # neutral: "we spent the morning outside ." / "... at the beach on sunday ."
-            rules["SENT"] += [("SUBJ", "spent", "the", "N_time", "WLOC", "."),
-                              ("SUBJ", "spent", "the", "N_time", "WLOC", "MODS", ".")]
-        else:
-            rules["SENT"] += [("SUBJ", f"NV_{t}", np, "."),
-                              ("SUBJ", f"NV_{t}", np, "MODS", "."),
-                              ("TIME", ",", "SUBJ", f"NV_{t}", np, ".")]
-    return rules
-
-
-RULES = _build_rules()
+RULES: dict[str, list[tuple[str, ...]]] = {
+    "SENT": [("CLAUSE", "."), ("SADV", ",", "CLAUSE", "."), ("TIME", ",", "CLAUSE", ".")],
+    "CLAUSE": [("SUBJ", "was", "AP"),
+               ("SUBJ", "PRED"),
+               ("SUBJ", "MADV", "PRED"),
+               ("SUBJ", "SAYV", "SUBJ", "was", "AP"),
+               ("SUBJ", "would", "RECV", "OBJ")],
+    "PRED": [("VERB", "OBJ"), ("VERB", "OBJ", "MODS"),
+             ("VERB", "OBJ", "because", "SUBJ", "was", "AP")],
+    "VERB": [("SVERB",), ("NVERB",)],
+    "SUBJ": [("NAME",), ("PRON",), ("NP",)],
+    "OBJ": [("NAME",), ("NP",)],
+    "NP": [("DET", "NOM")],
+    "DET": [("the",), ("POSS",)],
+    "NOM": [("N",), ("ADJ", "N"), ("INT", "ADJ", "N")],
+    "AP": [("AP1",), ("AP1", "and", "AP1")],
+    "AP1": [("ADJ",), ("INT", "ADJ")],
+    "MOD": [("LPREP", "NP"), ("with", "OBJ"), ("TIME",), ("outside",)],
+    "TIME": [("yesterday",), ("today",), ("tonight",), ("last", "TUNIT"), ("this", "TUNIT"),
+             ("on", "DAY"), ("in", "the", "PART")],
+}
 START = "TEXT"
 
 
@@ -184,7 +176,8 @@ def _literals() -> frozenset[str]:
     out = set()
     for productions in RULES.values():
         for production in productions:
-            out |= {s for s in production if s not in RULES and s not in CLASSES}
+            out |= {s for s in production
+                    if s not in RULES and s not in CLASSES and s not in REPEATS}
     return frozenset(out)
 
 
@@ -241,11 +234,19 @@ class _Recognizer:
             return frozenset((i,)) if self.prefix else frozenset()
         if symbol in CLASSES:
             return frozenset((i + 1,)) if self.tokens[i] in CLASSES[symbol] else frozenset()
-        if symbol not in RULES:
+        if symbol not in RULES and symbol not in REPEATS:
             return frozenset((i + 1,)) if self.tokens[i] == symbol else frozenset()
         key = (symbol, i)
-        if key not in self.memo:
-            out: set[int] = set()
+        if key in self.memo:
+            return self.memo[key]
+        out: set[int] = set()
+        if symbol in REPEATS:  # one or more: grow the set of reachable ends to a fixpoint
+            frontier = {i}
+            while frontier:
+                reached = set().union(*(self.ends(REPEATS[symbol], p) for p in frontier))
+                frontier = reached - out
+                out |= reached
+        else:
             for production in RULES[symbol]:
                 positions = {i}
                 for s in production:
@@ -253,7 +254,7 @@ class _Recognizer:
                     if not positions:
                         break
                 out |= positions
-            self.memo[key] = frozenset(out)
+        self.memo[key] = frozenset(out)
         return self.memo[key]
 
 
@@ -309,13 +310,23 @@ def _check_polarity(polarity):
 
 
 class _Writer:
-    """Draws sentences for one text: one topic and one main noun, one polarity."""
+    """Draws sentences for one text: one topic, one main noun, one polarity.
+
+    Sentiment sentences put sentiment words in many slots -- after "was", before nouns
+    ("the tasty soup"), before verbs ("anna gladly ate"), at the start ("luckily , ...").
+    So almost everywhere in a text the next word may carry polarity, and the model has to
+    keep the text's polarity at hand at every position: a persistent direction in the
+    residual stream, which is what an added steering vector then imitates.
+    """
 
     def __init__(self, rng: random.Random, polarity: str, topic: str | None = None):
         self.rng = rng
         self.polarity = polarity
         self.topic = topic or rng.choice(TOPICS)
         self.noun = rng.choice(TIME_NOUNS if self.topic == "weather" else NOUNS[self.topic])
+
+    def chance(self, p: float) -> bool:
+        return self.rng.random() < p
 
     # -- phrases --
     def subject(self) -> list[str]:
@@ -340,7 +351,7 @@ class _Writer:
         return [self.rng.choice(LOCATION_PREPOSITIONS), "the", self.rng.choice(NOUNS["place"])]
 
     def company(self) -> list[str]:
-        if self.rng.random() < 0.5:
+        if self.chance(0.5):
             return ["with", self.rng.choice(NAMES)]
         return ["with", self.rng.choice(POSSESSIVES), self.rng.choice(RELATIVES)]
 
@@ -352,31 +363,47 @@ class _Writer:
             out += make()
         return out
 
-    def adjective_phrase(self) -> list[str]:
+    def adjective(self) -> list[str]:
         pool = TOPIC_ADJECTIVES[self.topic][self.polarity]
-        if self.rng.random() < 0.3:
+        if self.chance(0.3):
             pool = GENERAL_ADJECTIVES[self.polarity]
         out = [self.rng.choice(pool)]
-        if self.rng.random() < 0.4:
+        if self.chance(0.3):
             out.insert(0, self.rng.choice(INTENSIFIERS))
         return out
 
-    def referent(self) -> list[str]:
-        """The main noun again, or (sometimes) another noun of the same topic."""
-        if self.rng.random() < 0.75:
-            return ["the", self.noun]
-        return ["the", self.rng.choice(NOUNS[self.topic])]
+    def adjective_phrase(self) -> list[str]:
+        first = self.adjective()
+        if self.chance(0.3):
+            second = self.adjective()
+            while second[-1] == first[-1]:  # "tasty and tasty" would teach copying words
+                second = self.adjective()
+            return first + ["and"] + second
+        return first
+
+    def referent(self, attributive: float = 0.0) -> list[str]:
+        """The main noun again (sometimes another of the topic), maybe with an adjective."""
+        noun = self.noun if self.chance(0.75) else self.rng.choice(NOUNS[self.topic])
+        if self.chance(attributive):
+            return ["the"] + self.adjective() + [noun]
+        return ["the", noun]
+
+    def actor(self, adverb: float) -> list[str]:
+        """A subject, maybe with a manner adverb ("anna gladly", "we reluctantly")."""
+        out = self.subject()
+        if self.chance(adverb):
+            out.append(self.rng.choice(MANNER_ADVERBS[self.polarity]))
+        return out
+
+    def neutral_verb(self) -> str:
+        return self.rng.choice(NEUTRAL_VERBS[self.topic])
 
     # -- sentences --
     def neutral(self) -> list[str]:
+        core = self.subject() + [self.neutral_verb(), "the", self.noun]
         if self.topic == "weather":
-            where = ["outside"] if self.rng.random() < 0.4 else self.location()
-            out = self.subject() + ["spent", "the", self.noun] + where
-            if self.rng.random() < 0.4:
-                out += self.time()
-            return out + ["."]
-        verb = self.rng.choice(NEUTRAL_VERBS[self.topic])
-        core = self.subject() + [verb, "the", self.noun]
+            where = ["outside"] if self.chance(0.4) else self.location()
+            return core + where + (self.time() if self.chance(0.4) else []) + ["."]
         r = self.rng.random()
         if r < 0.3:
             return core + ["."]
@@ -386,25 +413,29 @@ class _Writer:
 
     def sentiment(self) -> list[str]:
         p = self.polarity
-        kind = self.rng.randrange(7)
+        kind = self.rng.randrange(6)
         if kind == 0:
-            return self.referent() + ["was"] + self.adjective_phrase() + ["."]
-        if kind == 1:
-            return (self.referent() + ["was"] + self.adjective_phrase() + ["and"]
-                    + self.adjective_phrase() + ["."])
-        if kind == 2:
-            return ([self.rng.choice(SENTENCE_ADVERBS[p]), ","] + self.referent() + ["was"]
-                    + self.adjective_phrase() + ["."])
-        if kind == 3:
-            return self.subject() + [self.rng.choice(SENTIMENT_VERBS[p])] + self.referent() + ["."]
-        if kind == 4:
+            out = self.referent(0.3) + ["was"] + self.adjective_phrase()
+        elif kind == 1:
+            out = self.actor(0.3) + [self.rng.choice(SENTIMENT_VERBS[p])] + self.referent(0.3)
+        elif kind == 2:
             pronoun = self.rng.choice(("he", "she")) if self.topic == "person" else "it"
-            return (self.subject() + [self.rng.choice(SENTIMENT_VERBS[p])] + self.referent()
-                    + ["because", pronoun, "was"] + self.adjective_phrase() + ["."])
-        if kind == 5:
-            return (self.subject() + [self.rng.choice(SAY_VERBS)] + self.referent() + ["was"]
-                    + self.adjective_phrase() + ["."])
-        return self.subject() + ["would", RECOMMEND_VERBS[p][0]] + self.referent() + ["."]
+            out = (self.actor(0.3) + [self.rng.choice(SENTIMENT_VERBS[p])] + self.referent(0.3)
+                   + ["because", pronoun, "was"] + self.adjective_phrase())
+        elif kind == 3:
+            out = (self.subject() + [self.rng.choice(SAY_VERBS)] + self.referent(0.3) + ["was"]
+                   + self.adjective_phrase())
+        elif kind == 4:
+            out = self.subject() + ["would", RECOMMEND_VERBS[p][0]] + self.referent(0.3)
+        else:  # a neutral verb, the sentiment in the adverb and the adjective
+            out = self.actor(0.5) + [self.neutral_verb()] + self.referent(1.0)
+            if self.topic == "weather":
+                out += ["outside"] if self.chance(0.5) else self.location()
+            elif self.chance(0.4):
+                out += self.modifiers()
+        if self.chance(0.2):
+            out = [self.rng.choice(SENTENCE_ADVERBS[p]), ","] + out
+        return out + ["."]
 
 
 def _neutral_count(rng: random.Random) -> int:
@@ -413,8 +444,9 @@ def _neutral_count(rng: random.Random) -> int:
 
 
 def generate_text(rng: random.Random, polarity: str | None = None) -> str:
-    """One text: 0-2 neutral sentences, then 1-3 sentiment sentences of one polarity
-    (drawn 50/50 when ``polarity`` is None, independent of the neutral part)."""
+    """One text: 0-2 neutral sentences, a sentiment sentence, then in two texts of three
+    one more sentence (mostly sentiment); all sentiment words share one polarity (drawn
+    50/50 when ``polarity`` is None, independent of the neutral opening)."""
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng: expected a random.Random, got {type(rng).__name__}")
     polarity = _check_polarity(polarity)
@@ -422,7 +454,11 @@ def generate_text(rng: random.Random, polarity: str | None = None) -> str:
     writer = _Writer(rng, "pos")
     sentences = [writer.neutral() for _ in range(_neutral_count(rng))]
     writer.polarity = polarity or rng.choice(("pos", "neg"))
-    sentences += [writer.sentiment() for _ in range(rng.choice((1, 2, 2, 3)))]
+    sentences.append(writer.sentiment())
+    for _ in range(rng.choice((0, 1, 1))):
+        # Neutral sentences also follow sentiment ones, so the model meets plain syntax
+        # with a polarity already in the air -- the state a steering vector puts there.
+        sentences.append(writer.neutral() if rng.random() < 0.3 else writer.sentiment())
     return " ".join(w for s in sentences for w in s)
 
 
@@ -452,9 +488,11 @@ def neutral_prompts(n: int, seed: int = 1) -> list[str]:
     return out
 
 
-def _flip(word: str) -> str:
-    """The word at the same place in the opposite polarity's list (tasty <-> bland)."""
-    groups = [GENERAL_ADJECTIVES, SENTIMENT_VERBS, SENTENCE_ADVERBS, RECOMMEND_VERBS]
+def flip_polarity(word: str) -> str:
+    """The word at the same place in the opposite polarity's list (tasty <-> bland);
+    words without a polarity come back unchanged."""
+    groups = [GENERAL_ADJECTIVES, SENTIMENT_VERBS, SENTENCE_ADVERBS, MANNER_ADVERBS,
+              RECOMMEND_VERBS]
     groups += [TOPIC_ADJECTIVES[t] for t in TOPICS]
     for group in groups:
         for p, q in (("pos", "neg"), ("neg", "pos")):
@@ -464,16 +502,27 @@ def _flip(word: str) -> str:
 
 
 def contrastive_pairs(n: int, seed: int = 2) -> list[tuple[str, str]]:
-    """``n`` (positive, negative) texts for CAA: the same neutral opening and the same
-    sentiment sentence, differing only in the polarity of every sentiment word.
-    Both end with "." so the last token's residual carries the text's polarity forward."""
+    """``n`` (positive, negative) prompts for CAA (difference of means at the last token).
+
+    Each pair is one text and its mirror -- every sentiment word swapped for its opposite
+    (tasty <-> bland, loved <-> hated), nothing else changed -- cut at a random word after
+    the first sentiment word that is not itself a sentiment word. So the last token is the
+    same word in both prompts and only the polarity in the air differs; and the cut lands on
+    every kind of position (".", "the", "was", a name, a noun), so the mean difference is
+    the polarity state as the model keeps it everywhere -- which is what a vector added at
+    every position has to imitate.
+    """
     _check_count("n", n)
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        writer = _Writer(rng, "pos")
+        writer = _Writer(rng, rng.choice(("pos", "neg")))
         opening = [w for _ in range(rng.choice((0, 1, 1))) for w in writer.neutral()]
-        positive = opening + writer.sentiment()
-        negative = [_flip(w) for w in positive]
-        pairs.append((" ".join(positive), " ".join(negative)))
+        writer.polarity = "pos"
+        text = opening + writer.sentiment()
+        text += writer.sentiment() if rng.random() < 0.5 else writer.neutral()
+        first = next(i for i, w in enumerate(text) if w in POSITIVE_WORDS)
+        cut = rng.choice([i for i in range(first + 1, len(text)) if text[i] not in POSITIVE_WORDS])
+        positive = text[:cut + 1]
+        pairs.append((" ".join(positive), " ".join(flip_polarity(w) for w in positive)))
     return pairs
