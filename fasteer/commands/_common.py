@@ -124,12 +124,12 @@ def read_prompts(text: str | None, file: str | None) -> list[str]:
 
 
 @torch.inference_mode()
-def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True):
+def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True, top_p=1.0):
     """One batched generate; returns continuations (text)."""
     device = next(model.parameters()).device
     batch = tok(list(prompts), return_tensors="pt", padding=True).to(device)
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if do_sample \
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=top_p) if do_sample \
         else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                          **sampling)
@@ -137,7 +137,7 @@ def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True
 
 
 def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="all",
-                   max_new_tokens=32, seed=0, do_sample=True):
+                   max_new_tokens=32, seed=0, do_sample=True, top_p=1.0):
     """An alpha sweep as ONE batched generate: row block i carries alpha i (per-row slots).
 
     Returns {alpha: [continuation per prompt]}."""
@@ -152,7 +152,7 @@ def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="al
         st.set_many([(fs.Add(vector, alpha=a, layers=layers, positions=positions), rows_of[a])
                      for a in alphas if a != 0.0])
         texts = generate_rows(model, tok, batch_prompts, max_new_tokens, seed=seed,
-                              do_sample=do_sample)
+                              do_sample=do_sample, top_p=top_p)
     finally:
         st.unpatch()
     return {a: texts[rows[0]:rows[-1] + 1] for a, rows in rows_of.items()}

@@ -36,6 +36,10 @@ def run(args) -> int:
     from ..demo import world
 
     t_start = time.perf_counter()
+    if args.device == "cpu":
+        # the demo model is tiny: one thread avoids oversubscription on a busy machine
+        import torch
+        torch.set_num_threads(1)
     if args.prompts < 1:
         raise UsageError("--prompts: expected a positive number")
     model, tok, is_demo = C.load_model(args.model, args.device, args.dtype)
@@ -52,7 +56,7 @@ def run(args) -> int:
 
     print(f"model: {'embedded demo (' + str(world.DEMO_DIR) + ')' if is_demo else args.model}"
           f" · {type(model).__name__}, {n_layers} layers, D={model.config.hidden_size}")
-    pairs = language.contrastive_pairs(64)
+    pairs = language.contrastive_pairs(world.DEMO_PAIRS)
     vec = fs.extract.caa(model, tok, [p for p, _ in pairs], [n for _, n in pairs], layers=layers,
                          position="last", progress=False)
     print(f"CAA vector at layer(s) {layers} from {len(pairs)} contrastive pairs, "
@@ -61,7 +65,7 @@ def run(args) -> int:
     prompts = language.neutral_prompts(args.prompts)
     t0 = time.perf_counter()
     outs = C.sweep_generate(model, tok, vec, alphas, prompts, layers=layers,
-                            max_new_tokens=max_new, seed=args.seed)
+                            max_new_tokens=max_new, seed=args.seed, top_p=world.DEMO_TOP_P)
     t_gen = time.perf_counter() - t0
     print(f"one batched generate: {len(alphas)} alphas x {len(prompts)} prompts = "
           f"{len(alphas) * len(prompts)} rows, {max_new} new tokens, {t_gen:.1f} s\n")

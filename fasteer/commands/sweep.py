@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     C.add_model_argument(parser)
     parser.add_argument("--vector", default=None,
                         help="steering vector file (default: CAA extracted from the demo pairs)")
-    parser.add_argument("--alphas", default="-16,-8,-4,-2,0,2,4,8,16,32,64")
+    parser.add_argument("--alphas", default="-3,-1.3,-0.6,0,0.6,1.3,2,3,5,8,12")
     parser.add_argument("--layers", default=None)
     parser.add_argument("--prompts", type=int, default=16, help="neutral prompts per alpha")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -44,14 +44,15 @@ def run(args) -> int:
         vec = C.load_vector(args.vector, model)
     else:
         layers = layers or [world.DEMO_LAYER if is_demo else n_layers // 2]
-        pairs = language.contrastive_pairs(64)
+        pairs = language.contrastive_pairs(world.DEMO_PAIRS)
         vec = fs.extract.caa(model, tok, [p for p, _ in pairs], [n for _, n in pairs],
                              layers=layers, progress=False)
     prompts = language.neutral_prompts(args.prompts)
     print(f"sweep: {len(alphas)} alphas x {len(prompts)} prompts in one batched generate "
           f"({len(alphas) * len(prompts)} rows)")
     outs = C.sweep_generate(model, tok, vec, alphas, prompts, layers=layers,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            top_p=world.DEMO_TOP_P)
     rows = []
     print(f"{'alpha':>7}  {'attribute':>9}  {'grammatical':>11}")
     for a in alphas:
