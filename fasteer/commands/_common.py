@@ -53,6 +53,22 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     return model, tok, False
 
 
+def model_config(name: str):
+    """The model's config alone (cheap): lets a command check its inputs before loading."""
+    from transformers import AutoConfig
+    if name == DEMO:
+        from ..demo.world import DEMO_DIR
+        name = str(DEMO_DIR)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().exists():
+        raise UsageError(f"--model: no such path: {name}")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model: cannot load {name!r}: {first}") from None
+
+
 def parse_float(text: str, name: str) -> float:
     try:
         value = float(text)
@@ -94,7 +110,8 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     return layers
 
 
-def load_vector(path: str, model):
+def load_vector(path: str, config):
+    """Load a steering vector file and check it against the model's config."""
     from ..vectors import SteeringVector
     p = Path(path)
     if not p.exists():
@@ -103,7 +120,7 @@ def load_vector(path: str, model):
         vec = SteeringVector.load(p)
     except (ValueError, OSError) as exc:
         raise UsageError(f"--vector: {exc}") from None
-    hidden = model.config.hidden_size
+    hidden = config.hidden_size
     if vec.hidden_size != hidden:
         raise UsageError(f"--vector: {path} is for hidden size {vec.hidden_size}, the model has "
                          f"{hidden}")

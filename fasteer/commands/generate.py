@@ -27,14 +27,15 @@ def run(args) -> int:
     prompts = C.read_prompts(args.prompt, args.prompts_file)
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens: expected a positive number")
-    model, tok, _ = C.load_model(args.model, args.device, args.dtype)
-    vec = C.load_vector(args.vector, model)
-    layers = C.parse_layers(args.layers, model.config.num_hidden_layers)
+    config = C.model_config(args.model)
+    vec = C.load_vector(args.vector, config)
+    layers = C.parse_layers(args.layers, config.num_hidden_layers)
     if layers is None:
-        bad = [l for l in vec.layers if l >= model.config.num_hidden_layers]
+        bad = [l for l in vec.layers if l >= config.num_hidden_layers]
         if bad:
             raise UsageError(f"--vector: has layers {bad}; the model has "
-                             f"{model.config.num_hidden_layers}")
+                             f"{config.num_hidden_layers}")
+    model, tok, _ = C.load_model(args.model, args.device, args.dtype)
     if args.compare:
         plain = C.generate_rows(model, tok, prompts, args.max_new_tokens, seed=args.seed,
                                 do_sample=not args.greedy)

@@ -17,7 +17,8 @@ def add_arguments(parser) -> None:
     C.add_model_argument(parser)
     parser.add_argument("--vector", default=None,
                         help="steering vector file (default: CAA extracted from the demo pairs)")
-    parser.add_argument("--alphas", default="-3,-1.3,-0.6,0,0.6,1.3,2,3,5,8,12")
+    parser.add_argument("--alphas", default="-3,-1.3,-0.6,0,0.6,1.3,2,3,5,8,12",
+                        help="comma-separated; write --alphas=-2,0,2 when the first is negative")
     parser.add_argument("--layers", default=None)
     parser.add_argument("--prompts", type=int, default=16, help="neutral prompts per alpha")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -37,12 +38,12 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out: expected a .png path, got {args.out!r}")
+    config = C.model_config(args.model)
+    layers = C.parse_layers(args.layers, config.num_hidden_layers)
+    vec = C.load_vector(args.vector, config) if args.vector else None
     model, tok, is_demo = C.load_model(args.model, args.device, args.dtype)
-    n_layers = model.config.num_hidden_layers
-    layers = C.parse_layers(args.layers, n_layers)
-    if args.vector:
-        vec = C.load_vector(args.vector, model)
-    else:
+    n_layers = config.num_hidden_layers
+    if vec is None:
         layers = layers or [world.DEMO_LAYER if is_demo else n_layers // 2]
         pairs = language.contrastive_pairs(world.DEMO_PAIRS)
         vec = fs.extract.caa(model, tok, [p for p, _ in pairs], [n for _, n in pairs],
