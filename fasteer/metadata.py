@@ -292,10 +292,19 @@ class MetadataHook:
         state.set(phase, slot, gate)
         return self._protect_embeds(plan, args, kwargs, ids, embeds)
 
+    def finish(self, module, args, output):
+        """Forward hook: the forward is over, drop its per-token tensors. Under
+        torch.compile this also keeps them out of the graph's outputs (a compiled graph
+        would otherwise return them to store in `TokenState`, and with CUDA-graph trees
+        they would point into the graph's memory pool)."""
+        self.state.set(PHASE_OFF)
+
     def _protect_embeds(self, plan, args, kwargs, ids, embeds):
-        """The carrier at resid_pre[0] edits the embeddings in place; never a caller's tensor."""
-        if plan is not None and plan.edits_layer0_input and isinstance(embeds, torch.Tensor) \
-                and not isinstance(ids, torch.Tensor):
+        """The carrier at resid_pre[0] edits the embeddings in place; never a caller's tensor
+        (armed ahead, that carrier runs even with nothing to do: a leaf that requires grad
+        cannot be written in place at all)."""
+        edits_input = self.always_armed or (plan is not None and plan.edits_layer0_input)
+        if edits_input and isinstance(embeds, torch.Tensor) and not isinstance(ids, torch.Tensor):
             kwargs = dict(kwargs)
             args = list(args)
             if "inputs_embeds" in kwargs:

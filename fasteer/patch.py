@@ -68,7 +68,9 @@ into the graph (Dynamo does not guard on hooks added later).
 
   A forward continuing a non-empty cache is a decode step; inside ``generate`` or
   ``st.decoding(prompt_len)`` the prompt length decides. Explicit position masks
-  (``positions=<tensor>``) are read when the graph is captured.
+  (``positions=<tensor>``) are read when the graph is captured, and full-SAE replaces
+  (`fasteer.sae.carrier`) are not armed ahead: set them before capturing, and capture
+  again when one is added or removed.
 """
 from __future__ import annotations
 
@@ -385,6 +387,7 @@ class Steerer:
             c.set_armed(False, False, always_armed)
         self._meta_handle = self.sites.base.register_forward_pre_hook(self.metadata,
                                                                       with_kwargs=True)
+        self._meta_done = self.sites.base.register_forward_hook(self.metadata.finish)
         self._install_generate()
         _PATCHED[self.sites.layers] = self
         self._patched = True
@@ -482,6 +485,7 @@ class Steerer:
         for w in list(getattr(self, "_watches", ())):
             w.remove()
         self._meta_handle.remove()
+        self._meta_done.remove()
         self._remove_generate()
         _PATCHED.pop(self.sites.layers, None)
         self._patched = False

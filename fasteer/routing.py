@@ -62,7 +62,7 @@ class Routing:
         """(requests that use a slot, largest named row) of a compiled plan."""
         if compiled is None:
             return [], -1
-        used = [r for r in range(compiled.lut.shape[0] - 1) if bool((compiled.lut[r] >= 0).any())]
+        used = torch.nonzero((compiled.lut[:-1] >= 0).any(dim=1)).flatten().tolist()
         return used, max(compiled.row_requests, default=-1)
 
     def check(self, compiled) -> None:
@@ -104,7 +104,8 @@ class Routing:
         if used:
             src = compiled.lut[used].to(self.device)
             self.lut[:len(used), :n_codes].copy_(src)
-        default = none if compiled.default_request < 0 else self.request_row[compiled.default_request]
+        d = compiled.default_request
+        default = none if d < 0 else self.request_row[d]
         host = torch.full((self.rows.shape[0],), default, dtype=torch.long)
         for row, r in compiled.row_requests.items():
             host[row] = self.request_row[r]
