@@ -28,7 +28,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .._files import atomic_write as _atomic_write
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -476,15 +477,3 @@ def _load_safetensors(path: Path, dtype: torch.dtype) -> SteeringVector:
         raise ValueError(f"{path}: invalid steering vector ({exc})") from None
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

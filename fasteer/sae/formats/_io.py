@@ -9,14 +9,14 @@ half-written SAE behind.  Nothing here unpickles.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..._files import atomic_write as _atomic_write
 
 _DTYPES = {
     "float32": torch.float32,
@@ -89,19 +89,6 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: array {name!r} has dtype {arr.dtype}; expected floating point")
         out[name] = torch.from_numpy(np.ascontiguousarray(arr))
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
