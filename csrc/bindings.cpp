@@ -67,7 +67,8 @@ PYBIND11_MODULE(_C, m) {
         {"FEAT_SET", kFeatSet}, {"FEAT_SCALE", kFeatScale}, {"FEAT_CLAMP", kFeatClamp},
         {"ACT_RELU", kActRelu}, {"ACT_JUMPRELU", kActJumpRelu}, {"ACT_LINEAR", kActLinear},
         {"COND_NONE", kCondNone}, {"COND_COSINE", kCondCosine}, {"COND_PROJ", kCondProj},
-        {"PRESERVE_NORM", kPreserveNorm}, {"NORM_NONE", kNormNone}, {"NORM_RMS", kNormRms},
-        {"NORM_LAYER", kNormLayer}, {"META_WIDTH", kMetaWidth}, {"PARAM_WIDTH", kParamWidth}};
+        {"PRESERVE_NORM", kPreserveNorm}, {"JOINT", kJoint}, {"NORM_NONE", kNormNone},
+        {"NORM_RMS", kNormRms}, {"NORM_LAYER", kNormLayer}, {"META_WIDTH", kMetaWidth},
+        {"PARAM_WIDTH", kParamWidth}};
   });
 }

@@ -67,19 +67,20 @@ class Edit:
     activation: int = 0
     preserve_norm: bool = False
     condition: LoweredCondition | None = None
+    joint: bool = False       # reads the row the previous edit read (layout.JOINT)
 
     def code(self) -> int:
         cond = L.COND_NONE if self.condition is None else self.condition.kind
         return L.pack_code(self.kind, feature_op=self.feature_op, activation=self.activation,
-                           condition=cond, preserve_norm=self.preserve_norm)
+                           condition=cond, preserve_norm=self.preserve_norm, joint=self.joint)
 
 
 @dataclass(frozen=True)
 class SAEReplaceEdit:
     """One lowered full-SAE replace at (layer, site): encode -> latent edits -> decode.
 
-    The second lowering target next to `Edit`, for what the sparse FEATURE edit cannot do
-    exactly (TopK SAEs, several features edited jointly, dropping the error term).
+    The second lowering target next to `Edit`, for what the sparse FEATURE edits cannot do
+    exactly (TopK SAEs, dropping the error term).
     ``weights`` is a `fasteer.sae.carrier.SAEWeights`; ``edits`` are ``(feature, op, value,
     hi)`` tuples (op a `fasteer.ops.layout` FEAT_* code). A carrier runs the SAE replaces of
     a point before its steer edits (`fasteer.sae.carrier`).

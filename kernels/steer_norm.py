@@ -23,6 +23,9 @@ Why it is written this way
   the row in registers, the incoming row is re-read from ``h`` (still unmodified: the
   edited row is written once, at the end), which costs an L1/L2 hit only for edits
   that carry a condition.
+* A run of JOINT feature edits (one FeatureEdit on several features) takes its dot
+  products on one copy of the row, kept in registers next to the row itself (``x_read``):
+  every feature sees the same h, as the full SAE would.
 * Rows that are not edited (gate 0, slot -1 or >= S) are never stored to, so they
   stay bitwise unchanged and cost no write bandwidth. Edited rows are rounded to h's
   dtype before the norm reads them, exactly as the reference does, so the norm of an
@@ -57,6 +60,7 @@ COND_NONE: tl.constexpr = tl.constexpr(0)
 COND_COSINE: tl.constexpr = tl.constexpr(1)
 
 PRESERVE_NORM: tl.constexpr = tl.constexpr(1 << 24)
+JOINT: tl.constexpr = tl.constexpr(1 << 25)
 
 NORM_NONE: tl.constexpr = tl.constexpr(0)
 NORM_RMS: tl.constexpr = tl.constexpr(1)
@@ -105,8 +109,9 @@ def _condition_passes(h_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask):
 
 
 @triton.jit
-def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
-    """One edit of the layout applied to the float32 row ``x``; returns the new row."""
+def _apply_edit(x, x_read, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
+    """One edit of the layout applied to the float32 row ``x``; returns the new row.
+    Its dot product is taken on ``x_read`` (``x``, or the row a JOINT run reads)."""
     if kind == KIND_SCALE:
         x_new = a * x
     elif kind == KIND_ADD:
@@ -114,7 +119,7 @@ def _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask):
         x_new = x + a * u
     else:
         u = _load_vector(bank_ptr, tl.load(meta_e + 1), D, offs, dmask)
-        hu = tl.sum(x * u, axis=0)
+        hu = tl.sum(x_read * u, axis=0)
         if kind == KIND_CLAMP:
             x_new = x + (a - hu) * u
         elif kind == KIND_ABLATE:
@@ -145,11 +150,14 @@ def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, off
     # a while loop rather than range(n_edits): same code once compiled (a runtime-bound
     # loop), and Triton 3.6's interpreter cannot range() over a runtime scalar
     e = n_edits * 0
+    x_read = x  # the row edit e reads: x, or the previous edit's read row if JOINT
     while e < n_edits:
         entry = slot * n_edits + e
         meta_e = meta_ptr + entry * META_WIDTH
         params_e = params_ptr + entry * PARAM_WIDTH
         code = tl.load(meta_e)
+        if (code & JOINT) == 0:
+            x_read = x
         kind = code & 0xFF
         cond = (code >> 16) & 0xF
         run = kind != KIND_NONE
@@ -161,7 +169,8 @@ def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, off
             before = a * 0.0
             if preserve:
                 before = tl.sqrt(tl.sum(x * x, axis=0))
-            x_new = _apply_edit(x, kind, code, a, meta_e, params_e, bank_ptr, D, offs, dmask)
+            x_new = _apply_edit(x, x_read, kind, code, a, meta_e, params_e, bank_ptr, D, offs,
+                                dmask)
             if preserve:
                 after = tl.sqrt(tl.sum(x_new * x_new, axis=0))
                 x_new = tl.where(after > 0.0, x_new * (before / tl.where(after > 0.0, after, 1.0)),

@@ -47,9 +47,12 @@ def oracle(h, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weig
                     val_scale = float(x_in.norm() * c.norm()) + 1.0
                 margin = min(margin, abs(val - float(p[L.P_COND_THRESH])) / val_scale)
                 ok.append(val >= float(p[L.P_COND_THRESH]))
+            read = x  # the row edit e reads (layout.py: JOINT keeps the previous one's)
             for e in range(n_edits):
                 code, ui, wi, ci = (int(v) for v in meta[s, e])
                 kind = code & 0xFF
+                if not code & L.JOINT:
+                    read = x
                 if kind == L.NONE or not ok[e]:
                     continue
                 p = [float(v) for v in params[s, e].double()]
@@ -58,17 +61,17 @@ def oracle(h, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weig
                     x = x + p[0] * bank64[ui]
                 elif kind == L.CLAMP:
                     u = bank64[ui]
-                    x = x + (p[0] - float(x @ u)) * u
+                    x = x + (p[0] - float(read @ u)) * u
                 elif kind == L.ABLATE:
                     u = bank64[ui]
-                    x = x - float(x @ u) * u
+                    x = x - float(read @ u) * u
                 elif kind == L.SCALE:
                     x = p[0] * x
                 elif kind == L.FEATURE:
-                    pre = float(x @ bank64[ui]) + p[0]
+                    pre = float(read @ bank64[ui]) + p[0]
                     act = (code >> 12) & 0xF
                     if act == L.ACT_JUMPRELU:
-                        margin = min(margin, abs(pre - p[1]) / (float(x.norm() * bank64[ui].norm()) + 1.0))
+                        margin = min(margin, abs(pre - p[1]) / (float(read.norm() * bank64[ui].norm()) + 1.0))
                         z = pre if pre > p[1] else 0.0
                     elif act == L.ACT_RELU:
                         z = max(pre, 0.0)
@@ -125,13 +128,19 @@ def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_ba
         return float(torch.randn(1, generator=gen))
 
     for s in range(n_slots):
+        previous = L.NONE
         for e in range(n_edits):
             kind = kinds[rint(0, len(kinds))]
             unit = rint(0, max(1, n_bank // 2))           # a unit-norm row
             anyrow = rint(0, n_bank)
             cond = rint(0, 3) if with_conditions else L.COND_NONE
+            preserve = bool(rint(0, 4) == 0)
+            # a feature after a feature: half the time it reads jointly (a multi-feature edit)
+            joint = kind == L.FEATURE and previous == L.FEATURE and not preserve \
+                and rint(0, 2) == 0
             code = L.pack_code(kind, feature_op=rint(0, 4), activation=rint(0, 3),
-                               condition=cond, preserve_norm=bool(rint(0, 4) == 0))
+                               condition=cond, preserve_norm=preserve, joint=joint)
+            previous = kind
             u = unit if kind in (L.CLAMP, L.ABLATE) else anyrow
             meta[s, e] = torch.tensor([code, u, rint(0, n_bank), rint(0, n_bank) if cond else -1])
             lo = rnd()

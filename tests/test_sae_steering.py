@@ -143,12 +143,42 @@ def test_joint_feature_edits_and_sae_replace_equal_the_full_sae(activation, back
         (fs.SAEReplace(sae, keep_error=False), [], False),
     ]
     for iv, edits, keep in cases:
-        assert not getattr(iv, "fused", False)
+        # several features of a ReLU/JumpReLU/linear SAE: JOINT fused edits; TopK and
+        # SAEReplace: the full SAE op
+        fused = isinstance(iv, fs.FeatureEdit) and activation != "topk"
+        assert getattr(iv, "fused", False) == fused
+        lowered = iv.lower(LoweringContext(n_layers=4, hidden=d, model_type="test"))
+        assert all(isinstance(e, fs.plan.Edit) == fused for e in lowered)
+        if fused:
+            assert [e.joint for e in lowered] == [False, True, True]
         got = _apply_plan([iv], h, backend)
         want = full_reference(sae, h, edits, keep)
         err = float((got.double() - want)[rows].abs().max())
         assert err <= 3e-5 * float(want.abs().max()), f"{iv}: max error {err:.3g}"
         assert float((want - h.double()).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_joint_feature_edit_with_a_condition(backend):
+    """A multi-feature FeatureEdit with ``when``: rows where the condition holds get the full
+    SAE's joint edit, the others stay bitwise unchanged (every feature shares the condition)."""
+    d, f = 29, 41
+    sae = random_sae(d, f, "jumprelu", seed=8, scale=1.3)
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(120, d, generator=gen) * 1.5
+    c = torch.randn(d, generator=gen)
+    feats = [4, 11, 30, 38]
+    iv = fs.FeatureEdit(sae, feats, "add", [1.5, -2.0, 0.7, 3.0],
+                        when=fs.Projection(c, 0.5, bias=-0.2))
+    got = _apply_plan([iv], h, backend)
+    proj = h.double() @ c.double() - 0.2
+    on = proj >= 0.5
+    safe = _margin_rows(sae, h, feats) & ((proj - 0.5).abs() > 1e-3)
+    want = full_reference(sae, h, [(k, "add", v, None) for k, v in zip(feats, iv.values)], True)
+    assert 20 < int((on & safe).sum()) < 100
+    err = float((got.double() - want)[on & safe].abs().max())
+    assert err <= 3e-5 * float(want.abs().max()), err
+    assert torch.equal(got[~on & safe], h[~on & safe])
 
 
 def _llama_sets_and_reference(sae, arch):
@@ -215,15 +245,16 @@ def test_each_intervention_takes_its_path():
         assert carrier.sae_stages is None
         kinds = (carrier.tables.meta[..., 0] & 0xFF)
         assert int((kinds == L.FEATURE).sum()) == 1
-        # joint edit of three features: a sub-SAE holding only their columns and rows
+        # joint edit of three features: three fused FEATURE edits, the last two JOINT
         st.set(fs.FeatureEdit(relu, [3, 8, 44], "add", 1.0))
-        (stage,) = carrier.sae_stages.stages
-        w_enc, _, w_dec, _, _ = stage.tensors
-        assert tuple(w_enc.shape) == (D, 3) and tuple(w_dec.shape) == (3, D)
-        assert int((carrier.tables.meta[..., 0] & 0xFF).ne(0).sum()) == 0
-        # default rows keep the sub-SAE stage; named rows get their own stage of the TopK SAE
+        assert carrier.sae_stages is None
+        codes = carrier.tables.meta[0, :, 0]
+        assert ((codes & 0xFF) == L.FEATURE).tolist() == [True] * 3
+        assert ((codes & L.JOINT) != 0).tolist() == [False, True, True]
+        # default rows keep the fused edits; named rows get a stage of the TopK SAE
         st.set(fs.FeatureEdit(topk, 3, "set", 1.0), rows=[0])
-        assert len(carrier.sae_stages.stages) == 2
+        assert len(carrier.sae_stages.stages) == 1
+        assert int(((carrier.tables.meta[..., 0] & 0xFF) == L.FEATURE).sum()) == 3
         # TopK: the whole SAE, shared by two requests (one stage, per-row edits)
         st.clear()
         st.set(fs.FeatureEdit(topk, 3, "set", 1.0), rows=[0])
@@ -251,8 +282,9 @@ def test_full_sae_edits_must_come_first_at_a_site():
         before = st.carriers[("pre", 2)].tables.meta.clone()
         with pytest.raises(ValueError, match="SAEReplace runs the full SAE op.*before"):
             st.set(fs.Add(v, 1.0), fs.SAEReplace(sae, {1: 1.0}))
+        topk = random_sae(D, F, "topk", seed=14, layer=1)
         with pytest.raises(ValueError, match="FeatureEdit runs the full SAE op"):
-            st.set(fs.FeatureEdit(sae, 2, "set", 1.0), fs.FeatureEdit(sae, [3, 4], "set", 1.0))
+            st.set(fs.FeatureEdit(sae, [2, 5], "set", 1.0), fs.FeatureEdit(topk, 3, "set", 1.0))
         # refused before anything changed
         assert torch.equal(st.carriers[("pre", 2)].tables.meta, before)
         assert st.carriers[("pre", 2)].sae_stages is not None
@@ -354,8 +386,11 @@ def test_bad_feature_ids_values_and_nan_weights():
         fs.FeatureEdit(sae, 1, "clamp", 2.0, 1.0)
     with pytest.raises(ValueError, match="hi: only used with op='clamp'"):
         fs.FeatureEdit(sae, 1, "set", 1.0, 2.0)
-    with pytest.raises(ValueError, match="when: FeatureEdit on 2 features"):
-        fs.FeatureEdit(sae, [1, 2], "set", 1.0, when=fs.Projection(torch.ones(D), 0.0, bias=0.0))
+    with pytest.raises(ValueError, match="preserve_norm: FeatureEdit on 2 features"):
+        fs.FeatureEdit(sae, [1, 2], "set", 1.0, preserve_norm=True)
+    topk = random_sae(D, F, "topk", seed=22, layer=1)
+    with pytest.raises(ValueError, match="when: FeatureEdit on a TopK SAE"):
+        fs.FeatureEdit(topk, [1, 2], "set", 1.0, when=fs.Projection(torch.ones(D), 0.0, bias=0.0))
     with pytest.raises(TypeError, match="sae: expected a fasteer.SAE"):
         fs.FeatureEdit(sae.W_enc, 1, "set", 1.0)
     with pytest.raises(TypeError, match=r"edits\[0\]: expected \(feature, op, value\)"):

@@ -31,11 +31,12 @@ NORMS = {
 BACKENDS = ["cpu"]
 
 
-def make_case(seed, n, d, n_slots, n_edits, dtype, norm):
+def make_case(seed, n, d, n_slots, n_edits, dtype, norm, kinds=None, with_conditions=True):
     gen = torch.Generator().manual_seed(seed)
     norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
     h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
-    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6)
+    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6, kinds=kinds,
+                                       with_conditions=with_conditions)
     slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
     if n_slots == 0:
         slot.fill_(-1)
@@ -123,6 +124,27 @@ def test_backend_matches_reference_and_float64(backend, seed, n, d, n_slots, n_e
         assert_rows_close(out, out_ref, dtype, rows, f"{backend} vs reference: norm output")
     check_against_oracle(case, h_new, out)
     del tol
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), d=st.integers(1, 200),
+       n_edits=st.integers(2, 6), dtype=st.sampled_from(DTYPES))
+def test_joint_feature_runs_match_float64(backend, seed, n, d, n_edits, dtype):
+    # mostly feature edits: random_tables makes about half of them JOINT (read the row the
+    # run started from), the lowering of a multi-feature FeatureEdit
+    case = make_case(seed, n, d, 3, n_edits, dtype, "none",
+                     kinds=[L.FEATURE, L.FEATURE, L.FEATURE, L.ADD], with_conditions=False)
+    in_order = case["meta"].clone()
+    in_order[..., 0] &= ~L.JOINT
+    args = [case[k] for k in ("h", "slot", "gate")]
+    rest = (case["params"], case["bank"], None, None, L.NORM_NONE, 1e-5, 0.0, True)
+    joint, _, _ = oracle(*args, case["meta"], *rest)
+    ordered, _, _ = oracle(*args, in_order, *rest)
+    assume(float((joint - ordered).abs().max()) > 1e-2)  # the bit changes this case's result
+    h_new, out = run_backend(case, backend)
+    check_untouched_rows(case, h_new)
+    check_against_oracle(case, h_new, out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -129,10 +129,13 @@ def edits_f64(h, slot, gate, meta, params, bank):
         active[i] = True
         row_in = x[i].clone()
         row = row_in.clone()
+        read = row  # the row edit e reads: JOINT keeps the previous edit's
         for e in range(n_edits):
             code, iu, iw, ic = (int(v) for v in meta[s, e])
             p = [float(v) for v in params[s, e]]
             f = L.unpack_code(code)
+            if not f["joint"]:
+                read = row
             if f["kind"] == L.NONE:
                 continue
             if f["condition"] != L.COND_NONE:
@@ -149,13 +152,13 @@ def edits_f64(h, slot, gate, meta, params, bank):
             if f["kind"] == L.ADD:
                 new = row + p[0] * bank[iu]
             elif f["kind"] == L.CLAMP:
-                new = row + (p[0] - row @ bank[iu]) * bank[iu]
+                new = row + (p[0] - read @ bank[iu]) * bank[iu]
             elif f["kind"] == L.ABLATE:
-                new = row - (row @ bank[iu]) * bank[iu]
+                new = row - (read @ bank[iu]) * bank[iu]
             elif f["kind"] == L.SCALE:
                 new = p[0] * row
             else:
-                pre = float(row @ bank[iu]) + p[0]
+                pre = float(read @ bank[iu]) + p[0]
                 act = f["activation"]
                 z = (max(pre, 0.0) if act == L.ACT_RELU else
                      (pre if pre > p[1] else 0.0) if act == L.ACT_JUMPRELU else pre)
@@ -278,6 +281,46 @@ def test_all_edits_rmsnorm(dtype, hidden, n_rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [5, 64, 131])
+def test_joint_feature_runs(dtype, hidden):
+    """Runs of JOINT feature edits (multi-feature FeatureEdits) between other edits: every
+    feature of a run reads the row as the run started, and differs from reading in order."""
+    gen = torch.Generator().manual_seed(hidden + 10 * DTYPES.index(dtype))
+    n_slots, n_edits, n_rows = 3, 6, 10
+    bank = torch.randn(13, hidden, generator=gen)
+    bank[0] /= bank[0].norm()
+    bank[1:] /= hidden ** 0.5
+    meta = torch.full((n_slots, n_edits, 4), -1, dtype=torch.int32)
+    params = torch.zeros(n_slots, n_edits, 8)
+    # slot 0: clamp, then a 4-feature run, then another feature on its own
+    # slot 1: a 3-feature run (first JOINT is ignored at e = 0), add, 2-feature run
+    # slot 2: a 6-feature run, all activations and ops
+    layouts = [
+        [(L.CLAMP, False), (L.FEATURE, False), (L.FEATURE, True), (L.FEATURE, True),
+         (L.FEATURE, True), (L.FEATURE, False)],
+        [(L.FEATURE, True), (L.FEATURE, True), (L.FEATURE, True), (L.ADD, False),
+         (L.FEATURE, False), (L.FEATURE, True)],
+        [(L.FEATURE, False)] + [(L.FEATURE, True)] * 5,
+    ]
+    for s, edits in enumerate(layouts):
+        for e, (kind, joint) in enumerate(edits):
+            act, fop = (s + e) % 3, (s + 2 * e) % 4
+            meta[s, e, 0] = L.pack_code(kind, feature_op=fop, activation=act, joint=joint)
+            meta[s, e, 1] = 0 if kind != L.FEATURE else 1 + (s + e) % 6
+            meta[s, e, 2] = 7 + (s * 5 + e) % 6
+            params[s, e, :4] = torch.tensor([0.3 * (e - 2), 0.2, 1.5 - 0.4 * e, 2.0 + e])
+    slot, gate = make_rows(gen, n_rows, n_slots)
+    h = (2 * torch.randn(n_rows, hidden, generator=gen)).to(dtype)
+    res, active = check_three_way(h, slot, gate, meta, params, bank, None, norm_kind=L.NORM_NONE)
+    # the same tables read in order (JOINT dropped) give another result: the bit matters
+    in_order = meta.clone()
+    in_order[..., 0] &= ~L.JOINT
+    x_joint, _ = edits_f64(h.view(-1, hidden), slot, gate, meta, params, bank)
+    x_order, _ = edits_f64(h.view(-1, hidden), slot, gate, in_order, params, bank)
+    assert (x_joint[active] - x_order[active]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conditions_both_pass_and_fail(dtype):
     """Each condition kind both applies and skips its edit on some row."""
     gen = torch.Generator().manual_seed(7)
@@ -397,7 +440,7 @@ def test_kernel_constants_mirror_the_layout():
              "KIND_ABLATE": L.ABLATE, "KIND_SCALE": L.SCALE, "KIND_FEATURE": L.FEATURE,
              "FEAT_ADD": L.FEAT_ADD, "FEAT_SET": L.FEAT_SET, "FEAT_SCALE": L.FEAT_SCALE,
              "ACT_RELU": L.ACT_RELU, "ACT_JUMPRELU": L.ACT_JUMPRELU, "COND_NONE": L.COND_NONE,
-             "COND_COSINE": L.COND_COSINE, "PRESERVE_NORM": L.PRESERVE_NORM,
+             "COND_COSINE": L.COND_COSINE, "PRESERVE_NORM": L.PRESERVE_NORM, "JOINT": L.JOINT,
              "NORM_NONE": L.NORM_NONE, "NORM_RMS": L.NORM_RMS, "NORM_LAYER": L.NORM_LAYER,
              "META_WIDTH": L.META_WIDTH, "PARAM_WIDTH": L.PARAM_WIDTH}
     for name, value in pairs.items():

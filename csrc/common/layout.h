@@ -12,6 +12,7 @@ enum Condition : int32_t { kCondNone = 0, kCondCosine = 1, kCondProj = 2 };
 enum NormKind : int32_t { kNormNone = 0, kNormRms = 1, kNormLayer = 2 };
 
 constexpr int32_t kPreserveNorm = 1 << 24;
+constexpr int32_t kJoint = 1 << 25;  // FEATURE only: reads the row the previous edit read
 constexpr int kMetaWidth = 4;   // code, u, w, c
 constexpr int kParamWidth = 8;  // p0..p3, cond threshold, cond bias, spare, spare
 constexpr int kMetaCode = 0, kMetaU = 1, kMetaW = 2, kMetaC = 3;
@@ -25,5 +26,6 @@ inline constexpr int32_t code_feature_op(int32_t code) { return (code >> 8) & 0x
 inline constexpr int32_t code_activation(int32_t code) { return (code >> 12) & 0xF; }
 inline constexpr int32_t code_condition(int32_t code) { return (code >> 16) & 0xF; }
 inline constexpr bool code_preserve_norm(int32_t code) { return (code & kPreserveNorm) != 0; }
+inline constexpr bool code_joint(int32_t code) { return (code & kJoint) != 0; }
 
 }  // namespace fasteer

@@ -9,7 +9,9 @@
 // so they stay in cache). Reductions use `omp simd` (compiled with -fopenmp-simd: no
 // OpenMP runtime) so they vectorise without -ffast-math; -ffp-contract=off keeps
 // a*b+c as two roundings, like PyTorch's reference.
-// Limit: the scratch row is D floats per thread; rows are independent, so very small
+// A run of JOINT feature edits (one multi-feature FeatureEdit) reads a copy of the row
+// taken where the run starts, so every feature sees the same h.
+// Limit: the scratch rows are 2*D floats per thread; rows are independent, so very small
 // batches of very wide rows do not use more than one core.
 #include "steer_norm.h"
 
@@ -43,9 +45,10 @@ inline float sum(const float* a, int64_t d) {
   return s;
 }
 
-// Edit the float32 row x in place; returns whether any edit applied.
+// Edit the float32 row x in place; returns whether any edit applied. `read_copy` holds
+// the row a run of JOINT edits reads (copied only when such a run starts).
 bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
-                      std::vector<uint8_t>& passes) {
+                      std::vector<uint8_t>& passes, float* read_copy) {
   const int64_t d = a.d;
   const int32_t* meta = a.meta + slot * a.e * kMetaWidth;
   const float* params = a.params + slot * a.e * kParamWidth;
@@ -69,14 +72,23 @@ bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
   }
 
   bool edited = false;
+  const float* read = x;  // the row edit e reads (layout.py: JOINT keeps the previous one's)
   for (int64_t e = 0; e < a.e; ++e) {
     const int32_t* m = meta + e * kMetaWidth;
     const int32_t code = m[kMetaCode];
+    if (!code_joint(code)) {
+      read = x;
+      // a JOINT edit follows: it must read x as it is now, before this edit changes it
+      if (e + 1 < a.e && code_joint(meta[(e + 1) * kMetaWidth + kMetaCode])) {
+        std::copy(x, x + d, read_copy);
+        read = read_copy;
+      }
+    }
     const int32_t kind = code_kind(code);
     if (kind == kNone || !passes[size_t(e)]) continue;
     const float* u = edit_reads_u(kind) ? a.bank + int64_t(m[kMetaU]) * d : nullptr;
     const float* w = kind == kFeature ? a.bank + int64_t(m[kMetaW]) * d : nullptr;
-    const float dot_u = edit_needs_dot_u(kind) ? dot(x, u, d) : 0.0f;
+    const float dot_u = edit_needs_dot_u(kind) ? dot(read, u, d) : 0.0f;
     const AffineEdit ed = edit_coefficients(code, dot_u, params + e * kParamWidth);
     const bool preserve = code_preserve_norm(code);
     const float before = preserve ? sumsq(x, d) : 0.0f;
@@ -107,8 +119,9 @@ void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
   thread_local std::vector<float> scratch;
   thread_local std::vector<uint8_t> passes;
   const int64_t d = a.d;
-  if (int64_t(scratch.size()) < d) scratch.resize(size_t(d));
+  if (int64_t(scratch.size()) < 2 * d) scratch.resize(size_t(2 * d));
   float* x = scratch.data();
+  float* read_copy = x + d;
   const T* weight = static_cast<const T*>(a.weight);
   const T* bias = static_cast<const T*>(a.bias);
 
@@ -119,7 +132,7 @@ void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
     if (!active && a.norm_kind == kNormNone) continue;
 
     for (int64_t i = 0; i < d; ++i) x[i] = to_float(h[i]);
-    if (active && apply_slot_edits(a, slot, x, passes)) {
+    if (active && apply_slot_edits(a, slot, x, passes, read_copy)) {
       for (int64_t i = 0; i < d; ++i) {
         const T v = from_float<T>(x[i]);
         h[i] = v;

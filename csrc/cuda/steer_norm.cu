@@ -24,6 +24,12 @@
 //   vectors, kinds or slots never changes the launch, and a captured CUDA graph stays
 //   valid. Conditions read the incoming row: from registers while nothing has been
 //   applied yet, else re-read from h (not written until the end of the row).
+// * JOINT edits (a multi-feature FeatureEdit: every z_k from the same h) take their dot
+//   product on the row the run's first edit read, while their changes still add up on
+//   the current row. The register kernel keeps that read row as a second register copy
+//   xr (copied only where a JOINT edit follows; JOINT edits carry no PRESERVE_NORM, so
+//   only their dot reads it); the loop kernel keeps read_count, the number of applied
+//   edits the read row had, and replays only those records for a JOINT edit's dot.
 // * Per-element math comes from csrc/common (edit_coefficients, condition_holds,
 //   preserve_norm_factor, rms_inv / rms_out / layer_out, dtype.h conversions), shared
 //   with the CPU kernel. The edit updates (x + c*u, s*x, x*f) use __fmul_rn/__fadd_rn so
@@ -242,6 +248,7 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
   for (int k = 0; k < NV; ++k) base[k] = int64_t(lane + k * group) * V;
 
   float x[NV][V];
+  float xr[NV][V];  // the row JOINT edits read (set where a JOINT edit follows)
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     if (base[k] < d) {
@@ -261,6 +268,15 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
       const int32_t* m = meta + e * kMetaWidth;
       const float* p = params + e * kParamWidth;
       const int32_t code = __ldg(m + kMetaCode);
+      // The row this edit reads (layout.py): xr for JOINT, else x as it is now. At e = 0
+      // both are h_in. Set before the skips below: a skipped edit still starts a run.
+      const bool joint = e > 0 && code_joint(code);
+      if (!joint && e + 1 < a.e && code_joint(__ldg(m + kMetaWidth + kMetaCode))) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+#pragma unroll
+          for (int j = 0; j < V; ++j) xr[k][j] = x[k][j];
+      }
       const int32_t kind = code_kind(code);
       if (kind == kNone) continue;
       const int32_t cond = code_condition(code);
@@ -316,8 +332,8 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
           }
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            acc[0] += x[k][j] * uv[j];
-            acc[1] += x[k][j] * x[k][j];
+            acc[0] += (joint ? xr[k][j] : x[k][j]) * uv[j];  // dot on the read row
+            acc[1] += x[k][j] * x[k][j];                     // |before| on the current row
           }
         }
         row_sum<WARP_ROWS, 2>(acc, red, parity);
@@ -483,7 +499,8 @@ __global__ void __launch_bounds__(kMaxThreads) steer_norm_loop_kernel(const Kern
   const bool active = a.gate[row] != 0 && slot >= 0 && slot < a.s && a.e > 0;
   if (!active && a.norm_kind == kNormNone) return;
   T* h = static_cast<T*>(a.h) + row * a.h_stride;
-  int count = 0;  // applied edits so far
+  int count = 0;       // applied edits so far
+  int read_count = 0;  // applied edits in the row JOINT edits read (layout.py: r_e)
 
   if (active) {
     const int32_t* meta = a.meta + int64_t(slot) * a.e * kMetaWidth;
@@ -493,6 +510,9 @@ __global__ void __launch_bounds__(kMaxThreads) steer_norm_loop_kernel(const Kern
       const int32_t* m = meta + e * kMetaWidth;
       const float* p = params + e * kParamWidth;
       const int32_t code = __ldg(m + kMetaCode);
+      // a non-JOINT edit reads x as it is now (even when skipped below); JOINT keeps r_{e-1}
+      const bool joint = code_joint(code);
+      if (!joint) read_count = count;
       const int32_t kind = code_kind(code);
       if (kind == kNone) continue;
       const int32_t cond = code_condition(code);
@@ -522,11 +542,16 @@ __global__ void __launch_bounds__(kMaxThreads) steer_norm_loop_kernel(const Kern
       const float* u = reads_u ? a.bank + int64_t(__ldg(m + kMetaU)) * d : nullptr;
       float dot_u = 0.0f, before = 0.0f;
       if (need_dot || preserve) {
+        // the dot reads r_e (read_count records for JOINT), |before| the current row
+        const int dot_count = joint ? read_count : count;
         float acc[2] = {0.0f, 0.0f};
         for (int64_t i = tid; i < d; i += nt) {
-          const float xv = replay(h, a.bank, d, i, recs, count);
-          if (need_dot) acc[0] += xv * __ldg(u + i);
-          acc[1] += xv * xv;
+          const float rv = replay(h, a.bank, d, i, recs, dot_count);
+          if (need_dot) acc[0] += rv * __ldg(u + i);
+          if (preserve) {
+            const float xv = dot_count == count ? rv : replay(h, a.bank, d, i, recs, count);
+            acc[1] += xv * xv;
+          }
         }
         row_sum<false, 2>(acc, red, parity);
         dot_u = acc[0];

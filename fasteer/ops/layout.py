@@ -29,6 +29,7 @@ The code word
     bits 12-15  activation  ACT_RELU, ACT_JUMPRELU, ACT_LINEAR
     bits 16-19  condition   COND_NONE, COND_COSINE, COND_PROJ
     bit  24     PRESERVE_NORM
+    bit  25     JOINT       (FEATURE edits only, never with PRESERVE_NORM)
 
 The math (h is the row in float32, h_in the row as it entered the site)
 ------------------------------------------------------------------------
@@ -36,7 +37,15 @@ A row is edited iff gate == 1 and 0 <= slot < S. Its edits e = 0..E-1 apply in o
 kind NONE is skipped. Before any edit, each edit's condition is evaluated on h_in:
     COND_COSINE   (h_in . bank[c]) / (|h_in| |bank[c]|) >= p4   (0 if a norm is 0)
     COND_PROJ     h_in . bank[c] + p5 >= p4
-An edit whose condition fails is skipped. Then, with u = bank[u], w = bank[w]:
+An edit whose condition fails is skipped. Each edit e *reads* a row r_e: the current
+row x, or -- when its code has JOINT -- the row the edit before it read (r_e = r_{e-1};
+for e = 0, r_0 = x = h_in). This holds whether or not the edits apply. The dot products
+below (h.u) are taken on r_e; the change is added to the current row. Without JOINT,
+r_e = x and every edit sees the previous one's result. With it, a run of FEATURE edits
+reads one row: a FeatureEdit on k features lowers to k FEATURE edits, the 2nd..kth
+JOINT, and computes every z_k from the same h -- the full SAE's result, exactly:
+    h <- h + sum_k (z'_k - z_k) W_dec[k]
+Then, with u = bank[u], w = bank[w] and h.u meaning r_e.u:
     ADD       h <- h + p0 * u
     CLAMP     h <- h + (p0 - h.u) * u            (u unit: normalised on the host)
     ABLATE    h <- h - (h.u) * u                 (u unit)
@@ -92,6 +101,7 @@ COND_COSINE = 1
 COND_PROJ = 2
 
 PRESERVE_NORM = 1 << 24
+JOINT = 1 << 25
 
 # norm kinds
 NORM_NONE = 0
@@ -114,16 +124,21 @@ CONDITIONS = {"none": COND_NONE, "cosine": COND_COSINE, "projection": COND_PROJ}
 
 
 def pack_code(kind: int, *, feature_op: int = 0, activation: int = 0,
-              condition: int = COND_NONE, preserve_norm: bool = False) -> int:
+              condition: int = COND_NONE, preserve_norm: bool = False,
+              joint: bool = False) -> int:
     """Pack an edit description into the int32 code word."""
     if not 0 <= kind <= 0xFF:
         raise ValueError(f"kind: expected 0..255, got {kind}")
+    if joint and (kind != FEATURE or preserve_norm):
+        raise ValueError("joint: only a FEATURE edit without preserve_norm reads jointly "
+                         f"with the edit before it (got kind {kind}, "
+                         f"preserve_norm={preserve_norm})")
     for name, value in (("feature_op", feature_op), ("activation", activation),
                         ("condition", condition)):
         if not 0 <= value <= 0xF:
             raise ValueError(f"{name}: expected 0..15, got {value}")
     return (kind | (feature_op << 8) | (activation << 12) | (condition << 16)
-            | (PRESERVE_NORM if preserve_norm else 0))
+            | (PRESERVE_NORM if preserve_norm else 0) | (JOINT if joint else 0))
 
 
 def unpack_code(code: int) -> dict:
@@ -134,6 +149,7 @@ def unpack_code(code: int) -> dict:
         "activation": (code >> 12) & 0xF,
         "condition": (code >> 16) & 0xF,
         "preserve_norm": bool(code & PRESERVE_NORM),
+        "joint": bool(code & JOINT),
     }
 
 

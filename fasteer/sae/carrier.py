@@ -1,23 +1,16 @@
 """Full-SAE replaces at a carrier: what the plan stores per stream point, and the device
 side a carrier runs before its steer edits.
 
-Why a second table kind next to the steer+norm tables: the sparse FEATURE edit of the
-fused op reads one encoder column and one decoder row per feature and applies the edits
-of a slot one after another, each on the row as the previous edit left it. That is exact
-for one ReLU / JumpReLU / linear feature, but not for
+Why a second table kind next to the steer+norm tables: the sparse FEATURE edits of the
+fused op read one encoder column and one decoder row per feature -- exact for any set of
+ReLU / JumpReLU / linear features (a multi-feature edit reads them JOINTly, every z_k from
+the same h; `fasteer.ops.layout`) -- but not for
 
 * TopK SAEs: whether feature k is active depends on every other feature's pre-activation;
-* several features edited *jointly*: the full-SAE semantics encode every feature from the
-  same h (``h' = h + sum_k (z'_k - z_k) W_dec[k]`` with all ``z_k = enc(h)_k``), while a
-  sequence of single-feature edits lets feature 2 see the edit of feature 1 (and no order
-  of such edits can recover the joint result: each reads one linear functional of the
-  current row);
 * dropping the error term (h replaced by the SAE's reconstruction).
 
 Those lower to `fasteer.plan.SAEReplaceEdit` and run through ``fasteer.ops.sae_replace_``
-(encode -> latent edits -> decode). For several features of a ReLU / JumpReLU / linear SAE
-the op runs on a *sub-SAE* of just those features (folded encoder columns, decoder rows,
-no b_dec), so it still reads only the edited features' weights.
+(encode -> latent edits -> decode) on the whole SAE.
 
 Per-row slots: a point's SAE replaces are grouped in *stages*. Stage ``(j, weights)`` holds,
 for every slot whose j-th SAE replace at this point uses ``weights``, that replace's edits
@@ -84,30 +77,6 @@ class SAEWeights:
                   name=_sae_name(sae))
         cls._full_cache[sae] = out
         return out
-
-    @classmethod
-    def features(cls, sae, ids: list[int]) -> "SAEWeights":
-        """A sub-SAE of features ``ids`` (local index j = ``ids[j]``), folded: encoder
-        columns with b_dec and the input scale folded in, decoder rows divided by the scale,
-        no b_dec. Its keep-error result equals the full SAE's for edits of those features
-        (only the edited latents change, and each depends on its own column only).
-        Not for TopK SAEs."""
-        if sae.activation == "topk":
-            raise ValueError("sae: a TopK SAE cannot be cut to a few features (whether a "
-                             "feature is active depends on all of them)")
-        enc = sae.feature_encoder(list(ids), dtype=torch.float32)
-        dec = sae.feature_decoder(list(ids), dtype=torch.float32)
-        _check_finite("sae.W_enc/b_enc (edited features)", enc.column)
-        _check_finite("sae.W_enc/b_enc (edited features)", enc.bias)
-        _check_finite("sae.W_dec (edited features)", dec)
-        threshold = (enc.threshold.contiguous() if enc.threshold is not None
-                     else torch.zeros(0, dtype=torch.float32, device=sae.device))
-        if enc.threshold is not None:
-            _check_finite("sae.threshold (edited features)", threshold)
-        return cls(enc.column.T.contiguous(), enc.bias.contiguous(), dec.contiguous(),
-                   torch.zeros(sae.d_in, dtype=torch.float32, device=sae.device), threshold,
-                   activation=L.ACTIVATIONS[sae.activation], k=0, in_scale=1.0,
-                   apply_b_dec=False, name=f"{_sae_name(sae)} features {list(ids)}")
 
     def on(self, device: torch.device) -> tuple:
         """(w_enc, b_enc, w_dec, b_dec, threshold) on ``device`` (a copy when elsewhere)."""

@@ -10,10 +10,10 @@ How they lower (`fasteer.plan`):
   (`fasteer.SAE.feature_decoder`). Only that column and row are read, and the result equals
   the full SAE path with the error term kept, exactly (up to float32 rounding).
 * ``FeatureEdit`` on **several** features edits them *jointly* -- every z_k from the same h,
-  ``h' = h + sum_k (z'_k - z_k) W_dec[k]`` -- which a sequence of single-feature fused edits
-  cannot compute (each would see the previous edit). It lowers to the full SAE op on a
-  sub-SAE of just those features (`fasteer.sae.carrier.SAEWeights.features`): still only
-  their columns and rows, one small [N, D] x [D, K] product per carrier call.
+  ``h' = h + sum_k (z'_k - z_k) W_dec[k]``. It lowers to k FEATURE edits of the fused op,
+  the 2nd..kth marked JOINT (`fasteer.ops.layout`): they take their dot products on the row
+  the first one read, so the result is the full SAE's, exactly, still reading only the k
+  columns and rows, inside the carrier's one steer+norm call.
 * ``FeatureEdit`` on a **TopK** SAE, and every ``SAEReplace``, lower to the full SAE op on the
   whole SAE (whether a TopK feature is active depends on all features).
 Full-SAE edits run, at a site, before the other interventions there; a plan that lists
@@ -206,10 +206,10 @@ class FeatureEdit(_SAEIntervention):
     (and ``hi``) is one number or one per feature. ``layers``/``site`` default to where the SAE
     was trained; ``positions``, ``when`` (condition on the incoming h) and ``preserve_norm`` as
     for `fasteer.Add`; ``when`` and ``preserve_norm`` need the fused path (one feature, not
-    TopK). See the module docstring for which path runs.
+    TopK SAE; ``preserve_norm`` also one feature). See the module docstring for which path
+    runs.
 
-    The encoder column and decoder row of a fused single-feature edit are read when the edit
-    is built.
+    The encoder columns and decoder rows of a fused edit are read when the edit is built.
     """
 
     def __init__(self, sae, feature, op: str = "add", value=None, hi=None, *, layers=None,
@@ -219,54 +219,64 @@ class FeatureEdit(_SAEIntervention):
         self.op = op
         self._op = _op_code(op)
         self.values, self.his = _op_values(op, value, hi, len(self.features))
-        self.fused = sae.activation != "topk" and len(self.features) == 1
+        self.fused = sae.activation != "topk"
         if not self.fused:
-            why = ("a TopK SAE" if sae.activation == "topk"
-                   else f"{len(self.features)} features edited jointly")
             for name, given in (("when", when is not None), ("preserve_norm", preserve_norm)):
                 if given:
                     raise ValueError(
-                        f"{name}: FeatureEdit on {why} runs the full SAE op, which has no "
-                        f"{name}; it needs a single feature of a ReLU/JumpReLU/linear SAE")
+                        f"{name}: FeatureEdit on a TopK SAE runs the full SAE op, which has "
+                        f"no {name}; it needs a ReLU/JumpReLU/linear SAE")
+        elif preserve_norm and len(self.features) > 1:
+            raise ValueError(
+                f"preserve_norm: FeatureEdit on {len(self.features)} features edits them "
+                "jointly, and norm preservation is per single edit; use one feature, or "
+                "several FeatureEdits (each then sees the previous one's result)")
         super().__init__(sae, layers=layers, site=site, positions=positions, when=when,
                          preserve_norm=preserve_norm)
         if self.fused:
-            k = self.features[0]
-            enc = sae.feature_encoder(k, dtype=torch.float32)
-            dec = sae.feature_decoder(k, dtype=torch.float32)
-            for name, t in (("W_enc/b_enc", enc.column), ("W_enc/b_enc", enc.bias),
-                            ("W_dec", dec)) + ((("threshold", enc.threshold),)
-                                               if enc.threshold is not None else ()):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"sae: {name} of feature {k} contains NaN/inf; expected "
-                                     "finite SAE weights")
-            self._u = enc.column.detach().to("cpu").contiguous()
-            self._w = dec.detach().to("cpu").contiguous()
-            self._bias = float(enc.bias)
-            self._theta = max(float(enc.threshold), 0.0) if enc.threshold is not None else 0.0
+            self._fused_features = [self._read_feature(sae, k) for k in self.features]
         else:
             self._replace = None       # built on first lowering (reads the SAE once)
 
+    @staticmethod
+    def _read_feature(sae: SAE, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(folded encoder column u, decoder row w, bias, JumpReLU threshold) of feature k."""
+        enc = sae.feature_encoder(k, dtype=torch.float32)
+        dec = sae.feature_decoder(k, dtype=torch.float32)
+        for name, t in (("W_enc/b_enc", enc.column), ("W_enc/b_enc", enc.bias),
+                        ("W_dec", dec)) + ((("threshold", enc.threshold),)
+                                           if enc.threshold is not None else ()):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"sae: {name} of feature {k} contains NaN/inf; expected "
+                                 "finite SAE weights")
+        theta = max(float(enc.threshold), 0.0) if enc.threshold is not None else 0.0
+        return (enc.column.detach().to("cpu").contiguous(), dec.detach().to("cpu").contiguous(),
+                float(enc.bias), theta)
+
     def _replace_edit(self) -> tuple[SAEWeights, tuple]:
         if self._replace is None:
-            if self.sae.activation == "topk":
-                weights, local = SAEWeights.full(self.sae), self.features
-            else:
-                weights, local = SAEWeights.features(self.sae, self.features), \
-                    list(range(len(self.features)))
-            edits = tuple((f, self._op, v, h) for f, v, h in zip(local, self.values, self.his))
-            self._replace = (weights, edits)
+            edits = tuple((f, self._op, v, h)
+                          for f, v, h in zip(self.features, self.values, self.his))
+            self._replace = (SAEWeights.full(self.sae), edits)
         return self._replace
 
-    def _edit(self, layer: int, ctx: LoweringContext):
-        if self.fused:
-            act = L.ACTIVATIONS[self.sae.activation]
-            return Edit(kind=L.FEATURE, u=self._u, w=self._w,
-                        p=(self._bias, self._theta, self.values[0], self.his[0]),
-                        feature_op=self._op, activation=act, **self._common(layer, ctx))
-        weights, edits = self._replace_edit()
-        return SAEReplaceEdit(layer=layer, site=self.site, weights=weights, edits=edits,
-                              keep_error=True)
+    def lower(self, ctx: LoweringContext) -> list:
+        check_width(self.sae, ctx.hidden)
+        if not self.fused:
+            weights, edits = self._replace_edit()
+            return [SAEReplaceEdit(layer=l, site=self.site, weights=weights, edits=edits,
+                                   keep_error=True) for l in self.resolved_layers(ctx)]
+        act = L.ACTIVATIONS[self.sae.activation]
+        out = []
+        for layer in self.resolved_layers(ctx):
+            common = self._common(layer, ctx)
+            # one FEATURE edit per feature; all but the first JOINT: every feature reads the
+            # same row, so the sum of their changes is the SAE's own (module docstring)
+            for i, (u, w, bias, theta) in enumerate(self._fused_features):
+                out.append(Edit(kind=L.FEATURE, u=u, w=w,
+                                p=(bias, theta, self.values[i], self.his[i]),
+                                feature_op=self._op, activation=act, joint=i > 0, **common))
+        return out
 
     def __repr__(self):
         feats = self.features[0] if self._scalar else self.features

@@ -52,14 +52,17 @@ def apply_edits(x: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor,
                                      torch.ones_like(active)))
         passes.append(ok)
 
+    x_read = x  # the row edit e reads: x, or the previous edit's read row if JOINT
     for e in range(n_edits):
         code = row_meta[:, e, L.M_CODE]
         kind = code & 0xFF
+        joint = ((code & L.JOINT) != 0).unsqueeze(-1)
+        x_read = torch.where(joint, x_read, x)
         p = row_params[:, e]
         a = p[:, L.P_A:L.P_A + 1]
         u = gather(row_meta[:, e, L.M_U])
         w = gather(row_meta[:, e, L.M_W])
-        hu = _dot(x, u).unsqueeze(-1)
+        hu = _dot(x_read, u).unsqueeze(-1)
 
         # feature edit: pre-activation, activation, op, decoder delta
         pre = hu + a
