@@ -526,3 +526,30 @@ def contrastive_pairs(n: int, seed: int = 2) -> list[tuple[str, str]]:
         positive = text[:cut + 1]
         pairs.append((" ".join(positive), " ".join(flip_polarity(w) for w in positive)))
     return pairs
+
+
+def instruction_pairs(n: int, seed: int = 5) -> list[tuple[str, str]]:
+    """``n`` (with instruction, without) inputs for instruction vectors (Stolfo et al.).
+
+    The language has no imperative, so the "instruction" is what sets a text's attitude:
+    an opening of two positive sentiment sentences. Each pair is the same neutral prompt
+    (:func:`neutral_prompts`, whose continuation is a fair coin) after that opening, and
+    after its mirror (every sentiment word flipped). The partner keeps an opening of the
+    same words because dropping it would also shift every position and remove a whole
+    text's worth of context: measured on the demo model, a "with vs. without any opening"
+    direction is mostly that (cosine 0.28 with the CAA direction), and its Clamp steers
+    the attribute to only 0.73-1.0 depending on the sampling seed. So the pair differs in
+    the instruction's content alone, as Stolfo et al.'s inputs do. The last token is the
+    prompt's own, where the model must carry the attitude across a neutral stretch --
+    the state the Clamp target ``c`` then pins.
+    """
+    _check_count("n", n)
+    rng = random.Random(seed)
+    prompts = neutral_prompts(n, seed=seed + 100)
+    pairs = []
+    for prompt in prompts:
+        writer = _Writer(rng, "pos")
+        opening = writer.sentiment() + writer.sentiment()
+        pairs.append((" ".join(opening) + " " + prompt,
+                      " ".join(flip_polarity(w) for w in opening) + " " + prompt))
+    return pairs
