@@ -171,6 +171,21 @@ def test_contrastive_pairs_differ_only_in_polarity():
     assert len({p.split()[-1] for p, _ in pairs}) > 10  # cut at many kinds of position
 
 
+def test_instruction_pairs_share_the_prompt_and_differ_in_the_opening():
+    pairs = L.instruction_pairs(60, seed=3)
+    prompts = L.neutral_prompts(60, seed=103)
+    for (with_, without), prompt in zip(pairs, prompts):
+        assert with_.endswith(" " + prompt) and without.endswith(" " + prompt)
+        w, o = with_.split(), without.split()
+        assert len(w) == len(o)
+        for a, b in zip(w, o):
+            assert a == b or (a in L.POSITIVE_WORDS and b == L.flip_polarity(a))
+        assert L.attribute_score(with_) == 1.0 and L.attribute_score(without) == 0.0
+        assert L.attribute_score(prompt) is None
+        assert L.is_grammatical(with_, prefix=True) and L.is_grammatical(without, prefix=True)
+    assert L.instruction_pairs(5, seed=3) == pairs[:5]
+
+
 def test_generator_bad_input():
     with pytest.raises(ValueError, match="n"):
         L.generate_corpus(-1)
@@ -178,6 +193,8 @@ def test_generator_bad_input():
         L.neutral_prompts("3")
     with pytest.raises(TypeError, match="n"):
         L.contrastive_pairs(2.0)
+    with pytest.raises(ValueError, match="n"):
+        L.instruction_pairs(-2)
     with pytest.raises(ValueError, match="polarity"):
         L.generate_text(random.Random(0), "happy")
     with pytest.raises(TypeError, match="rng"):
