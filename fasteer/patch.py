@@ -522,7 +522,26 @@ class Steerer:
         addresses): refuse a plan that does not fit instead of reallocating them."""
         if compiled is not None:
             self._check_tables(compiled)
+        self._check_sae_stages(compiled)
         self.metadata.routing.check(compiled)
+
+    def _check_sae_stages(self, compiled) -> None:
+        """Full-SAE stages (SAEReplace, TopK FeatureEdit) are ops a captured graph either
+        runs or not: once a point has them, a later plan may change their edits, values
+        and rows, or drop them (rows then skip), but not which SAEs run there."""
+        for key, carrier in self.carriers.items():
+            held = carrier.sae_stages
+            plan = None if compiled is None else compiled.sae_points.get(key)
+            if held is None or plan is None or not plan.stages or held.fits(plan):
+                continue
+            names = [st.weights.name for st in held.stages]
+            raise ValueError(
+                f"sae: with always_armed=True the full-SAE stages at {key} are fixed once set "
+                f"({names}, up to {[tuple(st.edit_feat.shape) for st in held.stages]} "
+                "slots x edits) so that a captured CUDA graph stays valid; this plan needs "
+                f"{[p.weights.name for p in plan.stages]} with "
+                f"{[tuple(p.edit_feat.shape) for p in plan.stages]}. Patch again (and "
+                "re-capture) to change them")
 
     def _check_tables(self, compiled) -> None:
         for key, pt in compiled.points.items():
@@ -572,7 +591,7 @@ class Steerer:
             carrier.tables.write(pt)
             carrier.sae_stages = sync_sae_stages(
                 carrier.sae_stages, None if compiled is None else compiled.sae_points.get(key),
-                carrier.device)
+                carrier.device, keep=self.always_armed)
             armed = (False, False) if compiled is None else compiled.armed.get(key, (False, False))
             carrier.set_armed(*armed, self.always_armed)
         self.metadata.plan = device_plan

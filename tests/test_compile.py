@@ -244,3 +244,38 @@ def test_compiled_generate_matches_eager_generate():
     assert torch.equal(got.sequences, want.sequences)
     for g, w in zip(got.logits, want.logits):
         assert float((g - w).abs().max()) <= 1e-5
+
+
+def test_full_sae_stages_stay_put_when_armed_ahead():
+    """Always armed: a point's full-SAE stages keep their buffers across sets (edits, values,
+    rows change in place; a clear leaves them with every row skipping); a plan with other
+    SAEs there is refused before anything changes."""
+    from sae_reference import random_sae
+    model = tiny_model("llama", seed=9)
+    topk = random_sae(D, 41, "topk", seed=5, layer=1, k=6)
+    other = random_sae(D, 41, "relu", seed=6, layer=1)
+    ids, mask = prompt_batch(2, 6, "left", seed=7)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with fs.patch(model) as free:                 # not armed: the reference numbers
+            free.set(fs.SAEReplace(topk, {3: 2.0}, keep_error=False), rows=[0])
+            want = model(input_ids=ids, attention_mask=mask).logits
+        with fs.patch(model, always_armed=True) as st:
+            st.set(fs.SAEReplace(topk, {7: 1.0}, keep_error=False), rows=[0])
+            stages = st.carriers[("pre", 2)].sae_stages
+            buffers = [t.data_ptr() for s in stages.stages for t in (s.edit_feat, s.remap)]
+            st.set(fs.SAEReplace(topk, {3: 2.0}, keep_error=False), rows=[0])
+            got = model(input_ids=ids, attention_mask=mask).logits
+            assert st.carriers[("pre", 2)].sae_stages is stages
+            assert [t.data_ptr() for s in stages.stages for t in (s.edit_feat, s.remap)] == buffers
+            assert float((got - want).abs().max()) <= 1e-5
+            assert float((got[0] - plain[0]).abs().max()) > 1e-2
+            remap = stages.stages[0].remap.clone()
+            with pytest.raises(ValueError, match=r"sae: with always_armed=True the full-SAE "
+                                                 r"stages at \('pre', 2\) are fixed"):
+                st.set(fs.SAEReplace(other, {3: 2.0}), rows=[0])
+            assert torch.equal(stages.stages[0].remap, remap)     # refused before any change
+            st.clear()
+            assert st.carriers[("pre", 2)].sae_stages is stages   # kept, every row skips
+            cleared = model(input_ids=ids, attention_mask=mask).logits
+            assert float((cleared - plain).abs().max()) <= 1e-5

@@ -194,10 +194,20 @@ class SAEStages:
         self.device = device
         self.stages: list[_Stage] = []
 
-    def write(self, plan: SAEPointPlan) -> None:
-        same = len(plan.stages) == len(self.stages) and \
+    def fits(self, plan: SAEPointPlan) -> bool:
+        """Can ``plan`` be written into the existing buffers (same SAEs in the same order,
+        within their slot and edit capacity)?"""
+        return len(plan.stages) == len(self.stages) and \
             all(st.fits(p) for st, p in zip(self.stages, plan.stages))
-        if not same:
+
+    def skip_all(self) -> None:
+        """Keep the buffers but let every row skip every stage (a captured graph that
+        runs them then leaves h unchanged)."""
+        for st in self.stages:
+            st.remap.fill_(-1)
+
+    def write(self, plan: SAEPointPlan) -> None:
+        if not self.fits(plan):
             # device copies of the weights, once per (carrier, SAE): reuse the ones held
             held = {id(st.weights): st.tensors for st in self.stages}
             stages = []
@@ -237,10 +247,15 @@ class SAEStages:
 
 
 def sync_sae_stages(current: SAEStages | None, plan: SAEPointPlan | None,
-                    device: torch.device) -> SAEStages | None:
+                    device: torch.device, keep: bool = False) -> SAEStages | None:
     """The carrier's stages after a `Steerer.set`: updated in place when the structure is
-    unchanged, rebuilt otherwise, None (weights released) when the point has none."""
+    unchanged, rebuilt otherwise, None (weights released) when the point has none -- or,
+    with ``keep`` (always-armed carriers, whose buffers a captured graph may hold), kept
+    with every row skipping them."""
     if plan is None or not plan.stages:
+        if keep and current is not None:
+            current.skip_all()
+            return current
         return None
     stages = current if current is not None else SAEStages(device)
     stages.write(plan)
