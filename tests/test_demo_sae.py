@@ -92,3 +92,43 @@ def test_feature_edit_and_fgaa_move_the_attribute_and_watch_sees_it(demo):
                                                             base["attribute"])
         assert r["grammaticality"] >= 0.8, (label, r["grammaticality"])
         assert r["watched"] > base["watched"] + 5, (label, r["watched"], base["watched"])
+
+
+def test_joint_feature_edits_on_the_demo_sae_equal_the_full_sae(demo):
+    """Several features of the shipped SAE, per-row slots, through the patched demo model:
+    the fused JOINT edits at resid_post[DEMO_LAYER] equal encode-all -> edit -> decode with
+    the error term kept (float64), row by row; the unsteered row is untouched."""
+    from sae_reference import full_reference
+    model, tok, sae, info = demo
+    k = info["positive_feature"]
+    prompts = language.neutral_prompts(3, seed=5)
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    L = world.DEMO_LAYER
+    seen = []
+    # the stream entering layer L+1 is resid_post[L]: clone it before the carrier edits it in
+    # place, keep the tensor to read the edited values after the forward
+    handle = model.model.layers[L + 1].register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].detach().clone(), a[0])))
+    try:
+        with torch.inference_mode(), fs.patch(model) as st:
+            # row 0: two features added jointly, then a set and a scale (each sees the last)
+            st.set(fs.FeatureEdit(sae, [k, 511], "add", [25.0, -3.0]),
+                   fs.FeatureEdit(sae, 3, "set", 4.0), fs.FeatureEdit(sae, 200, "scale", 0.0),
+                   rows=[0])
+            # row 1: three features clamped jointly; row 2: nothing
+            st.set(fs.FeatureEdit(sae, [k, 88, 3], "clamp", 0.0, 2.0), rows=[1])
+            model(**batch)
+    finally:
+        handle.remove()
+    before, after = seen[-1]
+    mask = batch["attention_mask"].bool()
+    want0 = full_reference(sae, before[0], [(k, "add", 25.0, None), (511, "add", -3.0, None)])
+    want0 = full_reference(sae, want0, [(3, "set", 4.0, None)])
+    want0 = full_reference(sae, want0, [(200, "scale", 0.0, None)])
+    want1 = full_reference(sae, before[1], [(f, "clamp", 0.0, 2.0) for f in (k, 88, 3)])
+    for row, want in ((0, want0), (1, want1)):
+        got = after[row][mask[row]].double()
+        ref = want[mask[row]]
+        assert float((got - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
+        assert float((ref - before[row][mask[row]].double()).abs().max()) > 1.0
+    assert torch.equal(after[2], before[2])
