@@ -135,8 +135,9 @@ def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_ba
             anyrow = rint(0, n_bank)
             cond = rint(0, 3) if with_conditions else L.COND_NONE
             preserve = bool(rint(0, 4) == 0)
-            # a feature after a feature: half the time it reads jointly (a multi-feature edit)
-            joint = kind == L.FEATURE and previous == L.FEATURE and not preserve \
+            # a feature after a feature: half the time it reads jointly (a multi-feature
+            # edit); at e = 0 the bit is legal and changes nothing (r_0 is the incoming row)
+            joint = kind == L.FEATURE and (previous == L.FEATURE or e == 0) and not preserve \
                 and rint(0, 2) == 0
             code = L.pack_code(kind, feature_op=rint(0, 4), activation=rint(0, 3),
                                condition=cond, preserve_norm=preserve, joint=joint)

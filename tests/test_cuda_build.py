@@ -193,6 +193,7 @@ EMU_HEADER = r"""
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <vector>
 
 #define __host__
@@ -209,6 +210,7 @@ typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4,
        cudaErrorInvalidConfiguration = 9 };
 typedef struct CUstream_st* cudaStream_t;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace emu {
 struct Fiber { ucontext_t ctx; std::vector<char> stack; bool done = false; };
@@ -227,6 +229,7 @@ inline int error = 0;
 inline bool drop_barriers = false;  // test of the emulation itself: __syncthreads does nothing
 inline char last_kernel[512] = "";
 inline unsigned long long rng = 0x9e3779b97f4a7c15ull;
+inline std::map<const void*, size_t> max_dyn_smem;  // kernel -> opted-in bytes (default 48 KB)
 
 inline unsigned next_rand() {
   rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
@@ -284,11 +287,13 @@ inline bool run_warp(unsigned w, unsigned& remaining) {
   }
   return ran_any;
 }
-inline void launch(const char* name, unsigned grid, unsigned block, size_t dyn_smem,
-                   std::function<void()> kernel) {
+inline void launch(const char* name, const void* fn, unsigned grid, unsigned block,
+                   size_t dyn_smem, std::function<void()> kernel) {
   std::snprintf(last_kernel, sizeof last_kernel, "%s grid=%u block=%u smem=%zu", name, grid,
                 block, dyn_smem);
-  if (grid == 0 || block == 0 || block > 1024 || block % 32 || dyn_smem > 48 * 1024) {
+  const auto limit = max_dyn_smem.find(fn);
+  const size_t max_dyn = limit == max_dyn_smem.end() ? 48 * 1024 : limit->second;
+  if (grid == 0 || block == 0 || block > 1024 || block % 32 || dyn_smem > max_dyn) {
     error = cudaErrorInvalidConfiguration;
     return;
   }
@@ -341,6 +346,14 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline cudaError_t cudaGetLastError() { int e = emu::error; emu::error = 0; return e; }
+inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024)
+    return cudaErrorInvalidValue;
+  emu::max_dyn_smem[reinterpret_cast<const void*>(fn)] = size_t(value);
+  return cudaSuccess;
+}
 """
 
 EMU_EXPORTS = r"""
@@ -368,7 +381,8 @@ def emulated_source() -> str:
                             r"\1* \2 = static_cast<\1*>(emu::dynamic_smem());", src)
     src, n_launch = re.subn(
         r"(\w+<[^;<>]*>)\s*<<<([^,]+),([^,]+),([^,]+),([^>]+)>>>\(([^;]*)\);",
-        r"emu::launch(__PRETTY_FUNCTION__, \2, \3, \4, [&] { \1(\6); });", src)
+        r"emu::launch(__PRETTY_FUNCTION__, reinterpret_cast<const void*>(&\1), \2, \3, \4, "
+        r"[&] { \1(\6); });", src)
     assert n_extern >= 1 and n_launch >= 2, "steer_norm.cu changed shape: update emulated_source"
     return src + EMU_EXPORTS
 

@@ -76,7 +76,7 @@ bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
   for (int64_t e = 0; e < a.e; ++e) {
     const int32_t* m = meta + e * kMetaWidth;
     const int32_t code = m[kMetaCode];
-    if (!code_joint(code)) {
+    if (e == 0 || !code_joint(code)) {  // r_0 is the incoming row, JOINT or not
       read = x;
       // a JOINT edit follows: it must read x as it is now, before this edit changes it
       if (e + 1 < a.e && code_joint(meta[(e + 1) * kMetaWidth + kMetaCode])) {

@@ -25,11 +25,14 @@
 //   valid. Conditions read the incoming row: from registers while nothing has been
 //   applied yet, else re-read from h (not written until the end of the row).
 // * JOINT edits (a multi-feature FeatureEdit: every z_k from the same h) take their dot
-//   product on the row the run's first edit read, while their changes still add up on
-//   the current row. The register kernel keeps that read row as a second register copy
-//   xr (copied only where a JOINT edit follows; JOINT edits carry no PRESERVE_NORM, so
-//   only their dot reads it); the loop kernel keeps read_count, the number of applied
-//   edits the read row had, and replays only those records for a JOINT edit's dot.
+//   product on the row the run's first edit read, while their changes add up on the
+//   current row. The register kernel keeps that read row in dynamic shared memory, one
+//   column per thread (no barrier, no bank conflicts), copied from x only where a JOINT
+//   edit follows. Not in registers: next to x it does not fit the 64 registers of a
+//   1024-thread block without spilling. It takes threads * NV * V floats: up to 64 KB at
+//   16 floats per thread (rows of more than 11776 elements), above the 48 KB default, so
+//   those launches opt in (cudaFuncSetAttribute). The loop kernel needs no copy: the
+//   read row is the replay of the first read_count records.
 // * Per-element math comes from csrc/common (edit_coefficients, condition_holds,
 //   preserve_norm_factor, rms_inv / rms_out / layer_out, dtype.h conversions), shared
 //   with the CPU kernel. The edit updates (x + c*u, s*x, x*f) use __fmul_rn/__fadd_rn so
@@ -41,6 +44,7 @@
 // * No allocation, no host synchronisation; launched on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/dtype.h"
@@ -60,6 +64,12 @@ constexpr int kMaxThreads = 1024;
 constexpr int kPreferredThreads = 512;               // fewer warps -> cheaper block reductions
 constexpr int kMaxReduce = 3;                        // values reduced together at most
 static_assert(kMaxRegisterRow == kMaxThreads * 16, "NV * chunk <= 16 floats per thread");
+constexpr size_t kReduceSmem = 2 * kMaxReduce * kWarp * sizeof(float);  // static: `red`
+constexpr size_t kDefaultSmem = 48 * 1024;  // static + dynamic; more needs an opt-in
+// the register kernel's JOINT read row (kMaxRegisterRow floats at most) + `red` fit one
+// block's shared memory on every target (the least: sm_86 / sm_89, 99 KB)
+static_assert(kMaxRegisterRow * sizeof(float) + kReduceSmem <= 99 * 1024,
+              "the JOINT read row must fit in shared memory");
 
 // Everything a launch needs, passed by value (kernel parameter space).
 struct KernelArgs {
@@ -223,6 +233,7 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
     steer_norm_reg_kernel(const KernelArgs a) {
   constexpr int V = Chunk<T>::kVec;
   __shared__ float red[2][kMaxReduce][kWarp];
+  static_assert(sizeof(red) == kReduceSmem, "launch_reg counts it");
   int parity = 0;
 
   int64_t row;
@@ -248,7 +259,9 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
   for (int k = 0; k < NV; ++k) base[k] = int64_t(lane + k * group) * V;
 
   float x[NV][V];
-  float xr[NV][V];  // the row JOINT edits read (set where a JOINT edit follows)
+  // The row JOINT edits read (layout.py: r_e), set where a JOINT edit follows: value j of
+  // chunk k of this thread at xr_s[(k * V + j) * blockDim.x + threadIdx.x].
+  extern __shared__ float xr_s[];
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     if (base[k] < d) {
@@ -268,14 +281,14 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
       const int32_t* m = meta + e * kMetaWidth;
       const float* p = params + e * kParamWidth;
       const int32_t code = __ldg(m + kMetaCode);
-      // The row this edit reads (layout.py): xr for JOINT, else x as it is now. At e = 0
-      // both are h_in. Set before the skips below: a skipped edit still starts a run.
+      // The row this edit reads: xr_s for JOINT, else x as it is now (at e = 0 both are
+      // h_in). Saved before the skips below: a skipped edit still starts a run.
       const bool joint = e > 0 && code_joint(code);
       if (!joint && e + 1 < a.e && code_joint(__ldg(m + kMetaWidth + kMetaCode))) {
 #pragma unroll
         for (int k = 0; k < NV; ++k)
 #pragma unroll
-          for (int j = 0; j < V; ++j) xr[k][j] = x[k][j];
+          for (int j = 0; j < V; ++j) xr_s[(k * V + j) * blockDim.x + threadIdx.x] = x[k][j];
       }
       const int32_t kind = code_kind(code);
       if (kind == kNone) continue;
@@ -323,7 +336,7 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
           if (base[k] >= d) continue;
-          float uv[V];
+          float uv[V], rv[V];  // u, the row the dot reads
           if (need_dot) {
             load_bank_chunk<V, ALIGNED>(u, base[k], d, uv);
           } else {
@@ -331,9 +344,12 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
             for (int j = 0; j < V; ++j) uv[j] = 0.0f;
           }
 #pragma unroll
+          for (int j = 0; j < V; ++j)
+            rv[j] = joint ? xr_s[(k * V + j) * blockDim.x + threadIdx.x] : x[k][j];
+#pragma unroll
           for (int j = 0; j < V; ++j) {
-            acc[0] += (joint ? xr[k][j] : x[k][j]) * uv[j];  // dot on the read row
-            acc[1] += x[k][j] * x[k][j];                     // |before| on the current row
+            acc[0] += rv[j] * uv[j];
+            acc[1] += x[k][j] * x[k][j];  // |before|: the current row
           }
         }
         row_sum<WARP_ROWS, 2>(acc, red, parity);
@@ -625,6 +641,21 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Let `kernel` take `bytes` of dynamic shared memory on the current device: once per
+// device (the attribute is per device; setting it may wait for copies in flight, so not
+// on every launch). Devices past 63: on every launch.
+template <typename Kernel>
+cudaError_t opt_in_dynamic_smem(Kernel* kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
+
 template <typename T, int NV, bool ALIGNED, bool WARP_ROWS>
 cudaError_t launch_reg(const KernelArgs& a, cudaStream_t stream) {
   int64_t threads, blocks;
@@ -637,8 +668,17 @@ cudaError_t launch_reg(const KernelArgs& a, cudaStream_t stream) {
     threads = round_up((chunks + NV - 1) / NV, kWarp);
     blocks = a.n;
   }
+  // the JOINT read row (with `red`, beyond the default 48 KB the kernel must opt in)
+  const size_t smem = size_t(threads) * NV * Chunk<T>::kVec * sizeof(float);
+  if (smem + kReduceSmem > kDefaultSmem) {
+    static std::atomic<uint64_t> opted_in{0};  // bit i: done on device i
+    const cudaError_t err =
+        opt_in_dynamic_smem(steer_norm_reg_kernel<T, NV, ALIGNED, WARP_ROWS>,
+                            size_t(kMaxThreads) * NV * Chunk<T>::kVec * sizeof(float), opted_in);
+    if (err != cudaSuccess) return err;
+  }
   steer_norm_reg_kernel<T, NV, ALIGNED, WARP_ROWS>
-      <<<unsigned(blocks), unsigned(threads), 0, stream>>>(a);
+      <<<unsigned(blocks), unsigned(threads), smem, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -15,8 +15,8 @@ Those lower to `fasteer.plan.SAEReplaceEdit` and run through ``fasteer.ops.sae_r
 Per-row slots: a point's SAE replaces are grouped in *stages*. Stage ``(j, weights)`` holds,
 for every slot whose j-th SAE replace at this point uses ``weights``, that replace's edits
 (``edit_feat``/``edit_code`` [S, K], ``edit_val`` [S, K, 2], ``keep_error`` [S]) and a slot
-map ``remap`` [S + 1] (global slot + 1 -> the slot itself, or -1 for slots that skip the
-stage). Stages run in order of j, so each row gets its own SAE replaces in its own order.
+map ``remap`` (global slot + 1 -> the slot itself, or -1 for slots that skip the stage;
+slots past its end skip too). Stages run in order of j, so each row gets its own SAE replaces in its own order.
 The device buffers are preallocated and overwritten in place while the stage structure
 stays the same; the SAE weights are moved to the carrier's device once per (carrier, SAE)
 (not at all when the SAE already lives there in a dtype the op reads).
@@ -165,7 +165,9 @@ class _Stage:
         self.edit_code = torch.zeros(slots, edits, dtype=torch.int32, device=device)
         self.edit_val = torch.zeros(slots, edits, 2, dtype=torch.float32, device=device)
         self.keep_error = torch.ones(slots, dtype=torch.uint8, device=device)
-        self.remap = torch.full((slots + 1,), -1, dtype=torch.int32, device=device)
+        # global slot + 1 -> stage slot; one more entry than slots, always -1, catches
+        # every slot beyond the capacity (a kept stage meets later plans with more slots)
+        self.remap = torch.full((slots + 2,), -1, dtype=torch.int32, device=device)
 
     def fits(self, plan: SAEStagePlan) -> bool:
         s, k = plan.edit_feat.shape
@@ -227,7 +229,7 @@ class SAEStages:
         index = slot.long() + 1
         for st in self.stages:
             w = st.weights
-            stage_slot = st.remap.index_select(0, index)
+            stage_slot = st.remap.index_select(0, index.clamp(0, st.remap.numel() - 1))
             args = (stage_slot, gate, *st.tensors, st.edit_feat, st.edit_code, st.edit_val,
                     st.keep_error)
             if grad:

@@ -16,19 +16,31 @@ from ..ops.reference.steer_norm import apply_edits, normalize
 TOL = {torch.float32: 3e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
-def random_case(n, d, dtype, device, seed, n_slots=4, n_edits=3, offset=0):
-    """Random rows and tables exercising every edit kind; `offset` misaligns h and out."""
+def random_case(n, d, dtype, device, seed, n_slots=4, n_edits=4, offset=0):
+    """Random rows and tables exercising every edit kind; `offset` misaligns h and out.
+
+    FEATURE comes three times in the kind cycle so that slots hold runs of feature
+    edits. A FEATURE edit that follows another FEATURE (or opens the slot, where JOINT
+    must change nothing) is JOINT with probability 1/2, as a multi-feature FeatureEdit
+    lowers: it reads the row the edit before it read (a run of JOINT edits all read the
+    row the run's first edit read). Such edits never preserve the norm (the layout
+    refuses JOINT with it); the run's first edit may.
+    """
     g = torch.Generator(device="cpu").manual_seed(seed)
     bank = torch.randn(8, d, generator=g)
     bank[:4] /= bank[:4].norm(dim=-1, keepdim=True)
     meta = torch.full((n_slots, n_edits, 4), -1, dtype=torch.int32)
     params = torch.zeros(n_slots, n_edits, 8)
-    kinds = [L.ADD, L.CLAMP, L.ABLATE, L.SCALE, L.FEATURE]
+    kinds = [L.ADD, L.CLAMP, L.ABLATE, L.SCALE, L.FEATURE, L.FEATURE, L.FEATURE]
     for s, e in itertools.product(range(n_slots), range(n_edits)):
         kind = kinds[(s * n_edits + e) % len(kinds)]
+        follows_feature = e > 0 and kinds[(s * n_edits + e - 1) % len(kinds)] == L.FEATURE
         cond = (s + e) % 3
+        preserve = (s + e) % 4 == 3 and not follows_feature
+        joint = (kind == L.FEATURE and (e == 0 or follows_feature) and not preserve
+                 and float(torch.rand(1, generator=g)) < 0.5)
         code = L.pack_code(kind, feature_op=(s + 2 * e) % 4, activation=(s + e) % 3,
-                           condition=cond, preserve_norm=(s + e) % 4 == 3)
+                           condition=cond, preserve_norm=preserve, joint=joint)
         u = (s + e) % 4 if kind in (L.CLAMP, L.ABLATE) else 4 + (s + e) % 4
         meta[s, e] = torch.tensor([code, u, (s * 3 + e) % 8, (s + 5 * e) % 8 if cond else -1])
         lo = float(torch.randn(1, generator=g))
