@@ -475,11 +475,12 @@ def strided_rows(values: torch.Tensor, offset: int, pad: int) -> torch.Tensor:
     return view
 
 
-def make_case(seed, n, d, dtype, norm, n_slots=3, n_edits=3):
+def make_case(seed, n, d, dtype, norm, n_slots=3, n_edits=3, kinds=None, with_conditions=True):
     gen = torch.Generator().manual_seed(seed)
     norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
     h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
-    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6)
+    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6, kinds=kinds,
+                                       with_conditions=with_conditions)
     slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
     slot[0] = 0 if n_slots else -1          # at least one edited row
     gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)

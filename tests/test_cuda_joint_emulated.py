@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fasteer.ops import layout as L
-from steer_oracle import oracle, random_tables
-from test_cuda_build import (NORMS, check_case, emulated, emulated_lib, nvcc_job,  # noqa: F401
-                             run_emulated)
+from steer_oracle import oracle
+from test_cuda_build import (check_case, emulated, emulated_lib, make_case,  # noqa: F401
+                             nvcc_job, run_emulated)
 
 SHAPES = [  # (n, d, offset, expected launch)
     (5, 7, 1, "ALIGNED = false; bool WARP_ROWS = true"),
@@ -24,13 +24,10 @@ SHAPES = [  # (n, d, offset, expected launch)
 
 
 def joint_case(seed, n, d, dtype, norm, n_edits=8, e0_joint=False):
-    gen = torch.Generator().manual_seed(seed)
-    norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
-    h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
-    meta, params, bank = random_tables(gen, d, 3, n_edits, n_bank=6,
-                                       kinds=[L.FEATURE, L.FEATURE, L.FEATURE, L.FEATURE,
-                                              L.ADD, L.CLAMP, L.SCALE, L.NONE],
-                                       with_conditions=seed % 2 == 1)
+    case = make_case(seed, n, d, dtype, norm, n_slots=3, n_edits=n_edits,
+                     kinds=[L.FEATURE, L.FEATURE, L.FEATURE, L.FEATURE, L.ADD, L.CLAMP, L.SCALE,
+                            L.NONE], with_conditions=seed % 2 == 1)
+    meta = case["meta"]
     # longer runs: every FEATURE after a FEATURE without preserve_norm reads jointly in slot 0
     for e in range(1, n_edits):
         c, p = int(meta[0, e, 0]), int(meta[0, e - 1, 0])
@@ -42,15 +39,7 @@ def joint_case(seed, n, d, dtype, norm, n_edits=8, e0_joint=False):
             c = int(meta[sl, 1, 0])
             if c & 0xFF == L.FEATURE and not c & L.PRESERVE_NORM:
                 meta[sl, 1, 0] = c | L.JOINT
-    slot = torch.randint(-1, 3, (n,), generator=gen, dtype=torch.int32)
-    slot[0] = 0
-    gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)
-    gate[0] = 1
-    weight = (torch.randn(d, generator=gen) * 0.5 + 1).to(dtype) if has_w else None
-    bias = (torch.randn(d, generator=gen) * 0.1).to(dtype) if has_b else None
-    return dict(h=h, slot=slot, gate=gate, meta=meta, params=params, bank=bank, weight=weight,
-                bias=bias, norm_kind=norm_kind, eps=1e-5, weight_offset=offset,
-                cast_before_weight=cbw)
+    return case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
