@@ -59,9 +59,14 @@ def safe_rows(c, in_scale, apply_b):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 7, 33), (9, 64, 257), (3, 1, 5)])
-def test_reference_vs_float64_and_cpu_vs_reference(act, dtype, shape):
+@pytest.mark.parametrize("keep", ["mixed", "all"])
+def test_reference_vs_float64_and_cpu_vs_reference(act, dtype, shape, keep):
+    # keep "all": every row keeps the error term, the cpu backend's sparse encode (not TopK)
     n, d, f = shape
-    c = make(zlib.crc32(f"{act}{dtype}{shape}".encode()), n, d, f, 3, 3, dtype, act)
+    c = make(zlib.crc32(f"{act}{dtype}{shape}{keep}".encode()), n, d, f, 3, 4, dtype, act)
+    if keep == "all":
+        c["keep_error"].fill_(1)
+        c["edit_feat"][1, 2] = c["edit_feat"][1, 0] = f - 1     # a feature edited twice
     c["slot"][0], c["gate"][0] = 0, 1                 # at least one steered row
     c["edit_feat"][0, 0], c["edit_code"][0, 0] = 0, L.FEAT_SET
     in_scale, apply_b = 1.7, True
