@@ -351,3 +351,11 @@ def test_lockstep_interleaves_steps_and_pairs_them(monkeypatch):
     assert t["x"]["rounds"] == 2 and t["x"]["decode_samples"] == 4
     assert t["base"]["decode_paired_ratio"] == 1.0
     assert t["split"]["decode_s"] > 0
+
+
+def test_sae_ops_bench_checks_and_times_every_path(capsys):
+    """The SAE microbenchmark checks each candidate against float64 before timing it."""
+    import bench_sae_ops
+    assert bench_sae_ops.main(["--quick", "--no-write", "--rounds", "2", "--features", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 | 64 | 512 |" in table and "cpu fused" in table
