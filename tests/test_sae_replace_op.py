@@ -59,14 +59,20 @@ def safe_rows(c, in_scale, apply_b):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 7, 33), (9, 64, 257), (3, 1, 5)])
-@pytest.mark.parametrize("keep", ["mixed", "all"])
+@pytest.mark.parametrize("keep", ["mixed", "all", "all_distinct"])
 def test_reference_vs_float64_and_cpu_vs_reference(act, dtype, shape, keep):
-    # keep "all": every row keeps the error term, the cpu backend's sparse encode (not TopK)
+    # keep "all*": every row keeps the error term, the cpu backend's sparse encode (not
+    # TopK); "all": with a feature edited twice (edits in order), "all_distinct": without
     n, d, f = shape
     c = make(zlib.crc32(f"{act}{dtype}{shape}{keep}".encode()), n, d, f, 3, 4, dtype, act)
-    if keep == "all":
+    if keep.startswith("all"):
         c["keep_error"].fill_(1)
+    if keep == "all":
         c["edit_feat"][1, 2] = c["edit_feat"][1, 0] = f - 1     # a feature edited twice
+    if keep == "all_distinct":
+        perm = torch.randperm(f, generator=torch.Generator().manual_seed(f))
+        ids = perm.repeat(12)[:12].view(3, 4).to(torch.int32)  # distinct while f >= 4
+        c["edit_feat"] = torch.where(c["edit_feat"] < 0, -1, ids)
     c["slot"][0], c["gate"][0] = 0, 1                 # at least one steered row
     c["edit_feat"][0, 0], c["edit_code"][0, 0] = 0, L.FEAT_SET
     in_scale, apply_b = 1.7, True

@@ -41,6 +41,15 @@ def _edited_latents(x, feats, w_enc, b_enc, b_dec, threshold, activation, apply_
     return pre                                                 # ACT_LINEAR
 
 
+def _edit_all(z: torch.Tensor, code: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Each column's op at once (no feature repeats): add / set / scale / clamp."""
+    v, hi = val[..., 0], val[..., 1]
+    return torch.where(code == L.FEAT_ADD, z + v,
+                       torch.where(code == L.FEAT_SET, v,
+                                   torch.where(code == L.FEAT_SCALE, z * v,
+                                               torch.minimum(torch.maximum(z, v), hi))))
+
+
 def sae_replace_cpu(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
                     edit_val, keep_error, activation, k, in_scale, apply_b_dec_to_input):
     n_slots, n_k = edit_feat.shape
@@ -58,12 +67,17 @@ def sae_replace_cpu(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_f
         # sparse encode: a compact latent table, one column per edit, edited in order; a
         # repeated feature reads and writes its first column
         first = _first_columns(feats)
-        local = torch.where(feats >= 0, first, -1).to(torch.int32)
+        own_column = first == torch.arange(n_k)
         z = _edited_latents(x, feats, w_enc, b_enc, b_dec, threshold, activation,
                             apply_b_dec_to_input)
-        own = torch.arange(rows.numel(), dtype=torch.int32)
-        z_new = edit_latents(z, own, torch.ones_like(keep), local, edit_code[s], edit_val[s])
-        dz = (z_new - z) * ((first == torch.arange(n_k)) & (feats >= 0))
+        if bool((own_column | (feats < 0)).all()):
+            # distinct features (the usual case): every edit at once
+            z_new = _edit_all(z, edit_code[s], edit_val[s])
+        else:
+            local = torch.where(feats >= 0, first, -1).to(torch.int32)
+            own = torch.arange(rows.numel(), dtype=torch.int32)
+            z_new = edit_latents(z, own, torch.ones_like(keep), local, edit_code[s], edit_val[s])
+        dz = (z_new - z) * (own_column & (feats >= 0))
         x_new = x + torch.einsum("rk,rkd->rd", dz, w_dec.float()[feats.clamp_min(0)])
         h[rows] = (x_new / in_scale).to(h.dtype)
         return
