@@ -205,9 +205,8 @@ class FeatureEdit(_SAEIntervention):
     (to [lo, hi]: ``value=(lo, hi)`` or ``value=lo, hi=hi``; ``None`` for no bound). ``value``
     (and ``hi``) is one number or one per feature. ``layers``/``site`` default to where the SAE
     was trained; ``positions``, ``when`` (condition on the incoming h) and ``preserve_norm`` as
-    for `fasteer.Add`; ``when`` and ``preserve_norm`` need the fused path (one feature, not
-    TopK SAE; ``preserve_norm`` also one feature). See the module docstring for which path
-    runs.
+    for `fasteer.Add`; both need the fused path (a ReLU / JumpReLU / linear SAE), and
+    ``preserve_norm`` a single feature. See the module docstring for which path runs.
 
     The encoder columns and decoder rows of a fused edit are read when the edit is built.
     """
