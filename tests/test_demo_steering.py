@@ -2,14 +2,16 @@
 and 5): the checker measures the effect. One batched generate carries every
 configuration (per-row slots), seeds fixed.
 
-Measured when these thresholds were set (32 neutral prompts, sampling seeds 0-3, top-p
+Measured when these thresholds were set, by `python scripts/study_demo_vectors.py` (its
+set "test" is this file's configurations; 32 neutral prompts, sampling seeds 0-3, top-p
 0.95; the test runs seed 0): alpha 0 -> 0.44-0.58; CAA +-1.3 -> 0.97-1.00 / 0.01-0.04
 (grammatical >= 0.94); pca_center at the same norm -> 0.97-1.00 / 0.00-0.06; pca_diff at
 the same norm -> 0.60-0.80 (its direction has cosine 0.47 with the CAA one: repeng's
 pca_diff centres the pair differences, so it is their top axis of *variation*, which
-here also carries non-sentiment variation; at 1.6-2x the norm it reaches 0.75-0.95 but
-grammar falls to 0.7-0.9); instruction vector from `language.instruction_pairs` with
-Clamp(u, c) -> 0.90-0.98 (grammatical 1.00); CAA at alpha 8 -> grammatical 0.03-0.16.
+here also carries non-sentiment variation; the script's set "study" has it at 1.6-2x the
+norm, 0.76-0.92 with grammar down to 0.78, and on other pair sets); instruction vector
+from `language.instruction_pairs` with Clamp(u, c) -> 0.90-0.98 (grammatical 1.00); CAA
+at alpha 8 -> grammatical 0.03-0.16.
 """
 from __future__ import annotations
 

@@ -535,13 +535,12 @@ def instruction_pairs(n: int, seed: int = 5) -> list[tuple[str, str]]:
     an opening of two positive sentiment sentences. Each pair is the same neutral prompt
     (:func:`neutral_prompts`, whose continuation is a fair coin) after that opening, and
     after its mirror (every sentiment word flipped). The partner keeps an opening of the
-    same words because dropping it would also shift every position and remove a whole
-    text's worth of context: measured on the demo model, a "with vs. without any opening"
-    direction is mostly that (cosine 0.28 with the CAA direction), and its Clamp steers
-    the attribute to only 0.73-1.0 depending on the sampling seed. So the pair differs in
-    the instruction's content alone, as Stolfo et al.'s inputs do. The last token is the
-    prompt's own, where the model must carry the attitude across a neutral stretch --
-    the state the Clamp target ``c`` then pins.
+    same words so that the pair differs in the instruction's content alone: measured by
+    ``scripts/study_demo_vectors.py``, the direction from these pairs has cosine 0.94 with
+    the CAA one, while "opening vs. no opening" gives a direction with cosine 0.30 --
+    mostly the extra context and positions -- whose Clamp steers only by pinning a larger
+    target along it. The last token is the prompt's own, where the model must carry the
+    attitude across a neutral stretch -- the state the Clamp target ``c`` then pins.
     """
     _check_count("n", n)
     rng = random.Random(seed)
