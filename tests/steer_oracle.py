@@ -155,6 +155,81 @@ def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_ba
     return meta, params, bank
 
 
+# name -> (norm_kind, has_weight, has_bias, weight_offset, cast_before_weight)
+NORMS = {
+    "rms_llama": (L.NORM_RMS, True, False, 0.0, True),
+    "rms_gemma": (L.NORM_RMS, True, False, 1.0, False),
+    "rms_olmo2": (L.NORM_RMS, True, False, 0.0, False),
+    "rms_plain": (L.NORM_RMS, False, False, 0.0, True),
+    "layer": (L.NORM_LAYER, True, True, 0.0, True),
+    "layer_plain": (L.NORM_LAYER, False, False, 0.0, True),
+    "none": (L.NORM_NONE, False, False, 0.0, True),
+}
+
+
+def skipped_rows_case(d: int):
+    """(h, meta, params, bank, slot) where row 0's only edit is skipped (its condition never
+    holds), row 1 is edited and row 2 has slot -1. Every row holds a float16 NaN with a
+    payload, which a store makes canonical: it shows whether a kernel wrote a row at all."""
+    gen = torch.Generator().manual_seed(5)
+    bank = torch.randn(2, d, generator=gen)
+    meta = torch.tensor([[[L.pack_code(L.ADD, condition=L.COND_PROJ), 0, -1, 1]],
+                         [[L.pack_code(L.ADD), 0, -1, -1]]], dtype=torch.int32)
+    params = torch.zeros(2, 1, 8)
+    params[:, 0, 0] = 0.5
+    params[0, 0, L.P_COND_THRESH] = 1e30                 # never holds
+    h = torch.randn(3, d, generator=gen).half()
+    h.view(torch.int16)[:, 3] = 0x7C01                   # NaN with a payload in every row
+    return h, meta, params, bank, torch.tensor([0, 1, -1], dtype=torch.int32)
+
+
+def assert_only_row_1_written(h_after: torch.Tensor, h_before: torch.Tensor) -> None:
+    bits, old = h_after.view(torch.int16), h_before.view(torch.int16)
+    assert torch.equal(bits[0], old[0]), "row 0: its only edit was skipped, it must not be written"
+    assert torch.equal(bits[2], old[2]), "row 2: slot -1, it must not be written"
+    assert int(bits[1, 3]) == 0x7E00, "row 1 is edited: stored back, its NaN becomes canonical"
+
+
+def check_unsteered_norm_matches_hf(dtype, backend: str, device="cpu") -> None:
+    """Empty slot tables: the fused norm equals Hugging Face's own norm modules (Llama and
+    Gemma RMSNorm, LayerNorm), and h is left bitwise unchanged."""
+    import fasteer.ops as ops
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(3)
+    d = 96
+    h = torch.randn(5, 3, d, device=device).to(dtype)
+    empty = (torch.full((5, 3), -1, dtype=torch.int32, device=device),
+             torch.ones(5, 3, dtype=torch.uint8, device=device),
+             torch.zeros(0, 0, 4, dtype=torch.int32, device=device),
+             torch.zeros(0, 0, 8, device=device), torch.zeros(0, d, device=device))
+    llama = LlamaRMSNorm(d, eps=1e-6).to(device, dtype)
+    gemma = GemmaRMSNorm(d, eps=1e-6).to(device, dtype)
+    layer = torch.nn.LayerNorm(d, eps=1e-5).to(device, dtype)
+    with torch.no_grad():
+        for mod in (llama, gemma, layer):
+            mod.weight.normal_(0.2, 0.5)
+        layer.bias.normal_(0, 0.1)
+    variants = [
+        (llama, dict(norm_kind=L.NORM_RMS, eps=1e-6), llama.weight, None),
+        (gemma, dict(norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=1.0, cast_before_weight=False),
+         gemma.weight, None),
+        (layer, dict(norm_kind=L.NORM_LAYER, eps=1e-5), layer.weight, layer.bias),
+    ]
+    for mod, kw, w, b in variants:
+        with torch.no_grad():
+            expected = mod(h)
+            out = torch.full_like(h, float("nan"))
+            hh = h.clone()
+            ops.steer_norm_(hh, out, *empty, w.detach(), None if b is None else b.detach(),
+                            backend=backend, **kw)
+        assert torch.equal(hh, h)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        err = ((out.double() - expected.double()).abs() / (expected.double().abs() + 1)).max()
+        assert err <= tol, f"{type(mod).__name__}: {err}"
+
+
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 

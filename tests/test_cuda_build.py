@@ -35,7 +35,8 @@ from fasteer.ops import dispatch
 from fasteer.ops import layout as L
 from fasteer.ops.cuda import steer_norm as wrapper
 from fasteer.ops.reference.steer_norm import steer_norm as reference
-from steer_oracle import assert_rows_close, oracle, random_tables
+from steer_oracle import (NORMS, assert_only_row_1_written, assert_rows_close, oracle,
+                          random_tables, skipped_rows_case)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -453,16 +454,6 @@ def emulated(emulated_lib, monkeypatch):
     wrapper._limits.cache_clear()
 
 
-# name -> (norm_kind, has_weight, has_bias, weight_offset, cast_before_weight)
-NORMS = {
-    "rms_llama": (L.NORM_RMS, True, False, 0.0, True),
-    "rms_gemma": (L.NORM_RMS, True, False, 1.0, False),
-    "rms_olmo2": (L.NORM_RMS, True, False, 0.0, False),
-    "rms_plain": (L.NORM_RMS, False, False, 0.0, True),
-    "layer": (L.NORM_LAYER, True, True, 0.0, True),
-    "layer_plain": (L.NORM_LAYER, False, False, 0.0, True),
-    "none": (L.NORM_NONE, False, False, 0.0, True),
-}
 
 
 def strided_rows(values: torch.Tensor, offset: int, pad: int) -> torch.Tensor:
@@ -576,25 +567,12 @@ def test_emulated_slots_beyond_table_bool_gates_and_empty_tables(emulated, dtype
 def test_emulated_rows_whose_edits_all_skip_are_not_written(emulated, d):
     """A float16 NaN with a payload changes bits if a row is stored back (conversions make
     NaNs canonical), so it shows whether the kernel wrote the row at all."""
-    gen = torch.Generator().manual_seed(5)
-    bank = torch.randn(2, d, generator=gen)
-    meta = torch.tensor([[[L.pack_code(L.ADD, condition=L.COND_PROJ), 0, -1, 1]],
-                         [[L.pack_code(L.ADD), 0, -1, -1]]], dtype=torch.int32)
-    params = torch.zeros(2, 1, 8)
-    params[:, 0, 0] = 0.5
-    params[0, 0, L.P_COND_THRESH] = 1e30                 # never holds
-    h = torch.randn(3, d, generator=gen).half()
-    h.view(torch.int16)[:, 3] = 0x7C01                   # NaN with a payload in every row
+    h, meta, params, bank, slot = skipped_rows_case(d)
     before = h.clone()
-    slot = torch.tensor([0, 1, -1], dtype=torch.int32)
-    gate = torch.ones(3, dtype=torch.uint8)
     out = torch.full_like(h, float("nan"))
-    wrapper.steer_norm_cuda(h, out, slot, gate, meta, params, bank, None, None, L.NORM_RMS, 1e-5,
-                            0.0, True)
-    bits, old = h.view(torch.int16), before.view(torch.int16)
-    assert torch.equal(bits[0], old[0]), "row 0: its only edit was skipped, it must not be written"
-    assert torch.equal(bits[2], old[2]), "row 2: slot -1, it must not be written"
-    assert int(bits[1, 3]) == 0x7E00, "row 1 is edited: stored back, its NaN becomes canonical"
+    wrapper.steer_norm_cuda(h, out, slot, torch.ones(3, dtype=torch.uint8), meta, params, bank,
+                            None, None, L.NORM_RMS, 1e-5, 0.0, True)
+    assert_only_row_1_written(h, before)
 
 
 def test_emulation_catches_missing_barriers(emulated, emulated_lib):

@@ -22,21 +22,13 @@ from hypothesis import strategies as st
 import fasteer.ops as ops
 from fasteer.ops import dispatch
 from fasteer.ops import layout as L
-from steer_oracle import assert_rows_close, oracle, random_tables
+from steer_oracle import (NORMS, assert_only_row_1_written, assert_rows_close,
+                          check_unsteered_norm_matches_hf, oracle, random_tables,
+                          skipped_rows_case)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# name -> (norm_kind, has_weight, has_bias, weight_offset, cast_before_weight)
-NORMS = {
-    "rms_llama": (L.NORM_RMS, True, False, 0.0, True),
-    "rms_gemma": (L.NORM_RMS, True, False, 1.0, False),
-    "rms_olmo2": (L.NORM_RMS, True, False, 0.0, False),
-    "rms_plain": (L.NORM_RMS, False, False, 0.0, True),
-    "layer": (L.NORM_LAYER, True, True, 0.0, True),
-    "layer_plain": (L.NORM_LAYER, False, False, 0.0, True),
-    "none": (L.NORM_NONE, False, False, 0.0, True),
-}
 DEVICE = "cuda"
 
 
@@ -220,26 +212,13 @@ def test_cuda_graph_capture_with_tables_updated_in_place():
 def test_rows_whose_edits_all_skip_are_not_written(d):
     """A float16 NaN with a payload changes bits if a row is stored back (conversions make
     NaNs canonical), so it shows whether the kernel wrote the row at all."""
-    gen = torch.Generator().manual_seed(5)
-    bank = torch.randn(2, d, generator=gen)
-    meta = torch.tensor([[[L.pack_code(L.ADD, condition=L.COND_PROJ), 0, -1, 1]],
-                         [[L.pack_code(L.ADD), 0, -1, -1]]], dtype=torch.int32)
-    params = torch.zeros(2, 1, 8)
-    params[:, 0, 0] = 0.5
-    params[0, 0, L.P_COND_THRESH] = 1e30                 # never holds
-    h = torch.randn(3, d, generator=gen).half()
-    h.view(torch.int16)[:, 3] = 0x7C01                   # NaN with a payload in every row
-    before = h.clone()
+    h, meta, params, bank, slot = skipped_rows_case(d)
     hd = h.to(DEVICE)
     out = torch.full_like(hd, float("nan"))
-    ops.steer_norm_(hd, out, torch.tensor([0, 1, -1], dtype=torch.int32, device=DEVICE),
-                    torch.ones(3, dtype=torch.uint8, device=DEVICE), meta.to(DEVICE),
-                    params.to(DEVICE), bank.to(DEVICE), norm_kind=L.NORM_RMS, backend="cuda",
-                    validate=False)
-    bits, old = hd.cpu().view(torch.int16), before.view(torch.int16)
-    assert torch.equal(bits[0], old[0]), "row 0: its only edit was skipped, it must not be written"
-    assert torch.equal(bits[2], old[2]), "row 2: slot -1, it must not be written"
-    assert int(bits[1, 3]) == 0x7E00, "row 1 is edited: stored back, its NaN becomes canonical"
+    ops.steer_norm_(hd, out, slot.to(DEVICE), torch.ones(3, dtype=torch.uint8, device=DEVICE),
+                    meta.to(DEVICE), params.to(DEVICE), bank.to(DEVICE), norm_kind=L.NORM_RMS,
+                    backend="cuda", validate=False)
+    assert_only_row_1_written(hd.cpu(), h)
 
 
 def test_slot_at_or_beyond_table_is_untouched():
@@ -256,40 +235,7 @@ def test_slot_at_or_beyond_table_is_untouched():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 def test_unsteered_norm_matches_hf_modules(dtype):
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    torch.manual_seed(3)
-    d = 96
-    h = torch.randn(5, 3, d, device=DEVICE).to(dtype)
-    empty = (torch.full((5, 3), -1, dtype=torch.int32, device=DEVICE),
-             torch.ones(5, 3, dtype=torch.uint8, device=DEVICE),
-             torch.zeros(0, 0, 4, dtype=torch.int32, device=DEVICE),
-             torch.zeros(0, 0, 8, device=DEVICE), torch.zeros(0, d, device=DEVICE))
-    llama = LlamaRMSNorm(d, eps=1e-6).to(DEVICE, dtype)
-    gemma = GemmaRMSNorm(d, eps=1e-6).to(DEVICE, dtype)
-    layer = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE, dtype)
-    with torch.no_grad():
-        for mod in (llama, gemma, layer):
-            mod.weight.normal_(0.2, 0.5)
-        layer.bias.normal_(0, 0.1)
-    variants = [
-        (llama, dict(norm_kind=L.NORM_RMS, eps=1e-6), llama.weight, None),
-        (gemma, dict(norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=1.0, cast_before_weight=False),
-         gemma.weight, None),
-        (layer, dict(norm_kind=L.NORM_LAYER, eps=1e-5), layer.weight, layer.bias),
-    ]
-    for mod, kw, w, b in variants:
-        with torch.no_grad():
-            expected = mod(h)
-            out = torch.full_like(h, float("nan"))
-            hh = h.clone()
-            ops.steer_norm_(hh, out, *empty, w.detach(), None if b is None else b.detach(),
-                            backend="cuda", **kw)
-        assert torch.equal(hh, h)
-        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-        err = ((out.double() - expected.double()).abs() / (expected.double().abs() + 1)).max()
-        assert err <= tol, f"{type(mod).__name__}: {err}"
+    check_unsteered_norm_matches_hf(dtype, "cuda", DEVICE)
 
 
 def test_wide_rows_with_too_many_edits_are_refused():

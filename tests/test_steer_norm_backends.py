@@ -15,19 +15,10 @@ from hypothesis import strategies as st
 
 import fasteer.ops as ops
 from fasteer.ops import layout as L
-from steer_oracle import TOLERANCE, assert_rows_close, oracle, random_tables
+from steer_oracle import (NORMS, TOLERANCE, assert_rows_close,
+                          check_unsteered_norm_matches_hf, oracle, random_tables)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# name -> (norm_kind, has_weight, has_bias, weight_offset, cast_before_weight)
-NORMS = {
-    "rms_llama": (L.NORM_RMS, True, False, 0.0, True),
-    "rms_gemma": (L.NORM_RMS, True, False, 1.0, False),
-    "rms_olmo2": (L.NORM_RMS, True, False, 0.0, False),
-    "rms_plain": (L.NORM_RMS, False, False, 0.0, True),
-    "layer": (L.NORM_LAYER, True, True, 0.0, True),
-    "layer_plain": (L.NORM_LAYER, False, False, 0.0, True),
-    "none": (L.NORM_NONE, False, False, 0.0, True),
-}
 BACKENDS = ["cpu"]
 
 
@@ -179,38 +170,7 @@ def test_slot_at_or_beyond_table_is_untouched(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unsteered_norm_matches_hf_modules(backend, dtype):
     """Empty slot tables: the fused norm equals Hugging Face's own norm modules."""
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    torch.manual_seed(3)
-    d = 96
-    h = torch.randn(5, 3, d).to(dtype)
-    empty = (torch.full((5, 3), -1, dtype=torch.int32), torch.ones(5, 3, dtype=torch.uint8),
-             torch.zeros(0, 0, 4, dtype=torch.int32), torch.zeros(0, 0, 8), torch.zeros(0, d))
-    llama = LlamaRMSNorm(d, eps=1e-6).to(dtype)
-    gemma = GemmaRMSNorm(d, eps=1e-6).to(dtype)
-    layer = torch.nn.LayerNorm(d, eps=1e-5).to(dtype)
-    with torch.no_grad():
-        for mod in (llama, gemma, layer):
-            mod.weight.normal_(0.2, 0.5)
-        layer.bias.normal_(0, 0.1)
-    variants = [
-        (llama, dict(norm_kind=L.NORM_RMS, eps=1e-6), llama.weight, None),
-        (gemma, dict(norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=1.0, cast_before_weight=False),
-         gemma.weight, None),
-        (layer, dict(norm_kind=L.NORM_LAYER, eps=1e-5), layer.weight, layer.bias),
-    ]
-    for mod, kw, w, b in variants:
-        with torch.no_grad():
-            expected = mod(h)
-            out = torch.full_like(h, float("nan"))
-            hh = h.clone()
-            ops.steer_norm_(hh, out, *empty, w.detach(), None if b is None else b.detach(),
-                            backend=backend, **kw)
-        assert torch.equal(hh, h)
-        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-        err = ((out.double() - expected.double()).abs() / (expected.double().abs() + 1)).max()
-        assert err <= tol, f"{type(mod).__name__}: {err}"
+    check_unsteered_norm_matches_hf(dtype, backend)
 
 
 def test_reference_autograd_flows_to_alpha():
