@@ -167,6 +167,31 @@ NORMS = {
 }
 
 
+def random_case(seed, n, d, n_slots, n_edits, dtype, norm, kinds=None, with_conditions=True,
+                edit_first_row=False):
+    """Random op inputs on the CPU: rows h [n, d] of varied scale, `random_tables`, slots,
+    gates (about 20% off), norm weight / bias per ``norm`` (a key of NORMS).
+    ``edit_first_row``: row 0 gets slot 0 and gate 1 (at least one edited row)."""
+    gen = torch.Generator().manual_seed(seed)
+    norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
+    h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
+    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6, kinds=kinds,
+                                       with_conditions=with_conditions)
+    slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
+    if edit_first_row:
+        slot[0] = 0 if n_slots else -1
+    elif n_slots == 0:
+        slot.fill_(-1)
+    gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)
+    if edit_first_row:
+        gate[0] = 1
+    weight = (torch.randn(d, generator=gen) * 0.5 + 1).to(dtype) if has_w else None
+    bias = (torch.randn(d, generator=gen) * 0.1).to(dtype) if has_b else None
+    return dict(h=h, slot=slot, gate=gate, meta=meta, params=params, bank=bank, weight=weight,
+                bias=bias, norm_kind=norm_kind, eps=1e-5, weight_offset=offset,
+                cast_before_weight=cbw)
+
+
 def skipped_rows_case(d: int):
     """(h, meta, params, bank, slot) where row 0's only edit is skipped (its condition never
     holds), row 1 is edited and row 2 has slot -1. Every row holds a float16 NaN with a

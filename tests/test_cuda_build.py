@@ -35,7 +35,7 @@ from fasteer.ops import dispatch
 from fasteer.ops import layout as L
 from fasteer.ops.cuda import steer_norm as wrapper
 from fasteer.ops.reference.steer_norm import steer_norm as reference
-from steer_oracle import (NORMS, assert_only_row_1_written, assert_rows_close, oracle,
+from steer_oracle import (assert_only_row_1_written, assert_rows_close, oracle, random_case,
                           random_tables, skipped_rows_case)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,20 +467,8 @@ def strided_rows(values: torch.Tensor, offset: int, pad: int) -> torch.Tensor:
 
 
 def make_case(seed, n, d, dtype, norm, n_slots=3, n_edits=3, kinds=None, with_conditions=True):
-    gen = torch.Generator().manual_seed(seed)
-    norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
-    h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
-    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6, kinds=kinds,
-                                       with_conditions=with_conditions)
-    slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
-    slot[0] = 0 if n_slots else -1          # at least one edited row
-    gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)
-    gate[0] = 1
-    weight = (torch.randn(d, generator=gen) * 0.5 + 1).to(dtype) if has_w else None
-    bias = (torch.randn(d, generator=gen) * 0.1).to(dtype) if has_b else None
-    return dict(h=h, slot=slot, gate=gate, meta=meta, params=params, bank=bank, weight=weight,
-                bias=bias, norm_kind=norm_kind, eps=1e-5, weight_offset=offset,
-                cast_before_weight=cbw)
+    return random_case(seed, n, d, n_slots, n_edits, dtype, norm, kinds, with_conditions,
+                       edit_first_row=True)
 
 
 def run_emulated(case, offset=0, pad=0):

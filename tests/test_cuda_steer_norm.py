@@ -23,7 +23,7 @@ import fasteer.ops as ops
 from fasteer.ops import dispatch
 from fasteer.ops import layout as L
 from steer_oracle import (NORMS, assert_only_row_1_written, assert_rows_close,
-                          check_unsteered_norm_matches_hf, oracle, random_tables,
+                          check_unsteered_norm_matches_hf, oracle, random_case,
                           skipped_rows_case)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,19 +41,7 @@ def cuda_backend_built():
 
 def make_case(seed, n, d, n_slots, n_edits, dtype, norm):
     """Inputs on the CPU (the oracle's side); `to_device` moves them."""
-    gen = torch.Generator().manual_seed(seed)
-    norm_kind, has_w, has_b, offset, cbw = NORMS[norm]
-    h = (torch.randn(n, d, generator=gen) * (1 + 3 * torch.rand(n, 1, generator=gen))).to(dtype)
-    meta, params, bank = random_tables(gen, d, n_slots, n_edits, n_bank=6)
-    slot = torch.randint(-1, max(n_slots, 1), (n,), generator=gen, dtype=torch.int32)
-    if n_slots == 0:
-        slot.fill_(-1)
-    gate = (torch.rand(n, generator=gen) > 0.2).to(torch.uint8)
-    weight = (torch.randn(d, generator=gen) * 0.5 + 1).to(dtype) if has_w else None
-    bias = (torch.randn(d, generator=gen) * 0.1).to(dtype) if has_b else None
-    return dict(h=h, slot=slot, gate=gate, meta=meta, params=params, bank=bank, weight=weight,
-                bias=bias, norm_kind=norm_kind, eps=1e-5, weight_offset=offset,
-                cast_before_weight=cbw)
+    return random_case(seed, n, d, n_slots, n_edits, dtype, norm)
 
 
 def shifted(t: torch.Tensor, offset: int) -> torch.Tensor:
