@@ -28,6 +28,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -201,6 +202,25 @@ class NinjaBuildExt(build_ext):
         return targets
 
 
+class BuildPyWithKernels(build_py):
+    """Copy the Triton kernels (top-level ``kernels/*.py``) into ``fasteer/kernels/``.
+
+    The top-level folder has no ``__init__.py`` on purpose (a regular package named
+    ``kernels`` would shadow Hugging Face's kernel hub whenever the repository root is
+    on ``sys.path``). An editable install copies nothing: ``fasteer/kernels/__init__.py``
+    then extends its ``__path__`` to the checkout's folder.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fasteer" / "kernels"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(src), str(target / src.name))
+
+
 def extension(name: str, sources: list[str], is_cuda: bool = False) -> Extension:
     ext = Extension(name, sources=sources)
     ext.is_cuda = is_cuda
@@ -216,13 +236,12 @@ def sources(pattern_dir: str, *patterns: str) -> list[str]:
 
 setup(
     # kernels/ (Triton) sits beside the package, apart from bindings and Python, and is
-    # installed as fasteer.kernels.
-    packages=find_packages(include=["fasteer", "fasteer.*"]) + ["fasteer.kernels"],
-    package_dir={"fasteer.kernels": "kernels"},
+    # installed into fasteer.kernels by BuildPyWithKernels.
+    packages=find_packages(include=["fasteer", "fasteer.*"]),
     ext_modules=[
         extension("fasteer._C", ["csrc/bindings.cpp"] + sources("csrc/cpu", "*.cpp")),
         extension("fasteer._cuda", ["csrc/cuda/bindings.cpp"] + sources("csrc/cuda", "*.cu"),
                   is_cuda=True),
     ],
-    cmdclass={"build_ext": NinjaBuildExt},
+    cmdclass={"build_ext": NinjaBuildExt, "build_py": BuildPyWithKernels},
 )
