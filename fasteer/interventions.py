@@ -288,18 +288,66 @@ class Add(Intervention):
                     **self._common(layer, ctx))
 
 
-class Clamp(Intervention):
-    """h <- h + (value - h.u) u with u = direction / |direction|: pins the projection."""
+def _as_layer_values(value, name: str) -> dict[int, float]:
+    """A ``{layer: number}`` mapping (keys ints, or digit strings as stored in metadata)."""
+    out = {}
+    for key, v in value.items():
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            layer = int(key)
+        elif isinstance(key, numbers.Integral) and not isinstance(key, bool) and key >= 0:
+            layer = int(key)
+        else:
+            raise TypeError(f"{name}: layer keys must be ints >= 0, got {key!r}")
+        if layer in out:
+            raise ValueError(f"{name}: layer {layer} given twice")
+        out[layer] = _as_number(v, f"{name}[{layer}]")
+    if not out:
+        raise ValueError(f"{name}: has no layers")
+    return out
 
-    def __init__(self, direction, value, *, layers=None, site=None, positions="all", when=None,
-                 preserve_norm: bool = False):
-        self.value = _as_number(value, "value")
+
+class Clamp(Intervention):
+    """h <- h + (c - h.u) u with u = direction / |direction|: pins the projection to c.
+
+    ``value`` is one number for every layer, or a ``{layer: c}`` mapping (what
+    ``u, c = fs.extract.instruction(...)`` returns as ``c``). Left out, the targets come
+    from the vector's metadata ``clamp_targets`` (stored by ``fs.extract.instruction``),
+    so ``fs.Clamp(fs.SteeringVector.load("instr.safetensors"))`` works too."""
+
+    def __init__(self, direction, value=None, *, layers=None, site=None, positions="all",
+                 when=None, preserve_norm: bool = False):
+        if value is None:
+            stored = (getattr(direction, "metadata", None) or {}).get("clamp_targets")
+            if not isinstance(stored, Mapping):
+                raise ValueError("value: required (a number or a {layer: value} mapping) unless "
+                                 "the direction is a SteeringVector whose metadata holds "
+                                 "clamp_targets (as fs.extract.instruction stores)")
+            value, value_name = stored, "direction.metadata['clamp_targets']"
+        else:
+            value_name = "value"
+        if isinstance(value, Mapping):
+            self.value = _as_layer_values(value, value_name)
+        else:
+            self.value = _as_number(value, value_name)
         super().__init__(vectors=_Vectors(direction, "direction"), layers=layers, site=site,
                          positions=positions, when=when, preserve_norm=preserve_norm)
+        if isinstance(self.value, dict) and self.layers is not None:
+            missing = [l for l in self.layers if l not in self.value]
+            if missing:
+                raise ValueError(f"{value_name}: has no target for layers {missing} (it has "
+                                 f"layers {sorted(self.value)})")
+
+    def value_at(self, layer: int) -> float:
+        if isinstance(self.value, dict):
+            if layer not in self.value:
+                raise ValueError(f"value: has no target for layer {layer} (it has layers "
+                                 f"{sorted(self.value)})")
+            return self.value[layer]
+        return self.value
 
     def _edit(self, layer, ctx):
         u = _unit(self._vectors.at(layer, ctx.hidden), f"direction[{layer}]")
-        return Edit(kind=L.CLAMP, u=u, p=(self.value,), **self._common(layer, ctx))
+        return Edit(kind=L.CLAMP, u=u, p=(self.value_at(layer),), **self._common(layer, ctx))
 
 
 class Ablate(Intervention):

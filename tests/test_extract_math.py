@@ -170,6 +170,35 @@ def test_instruction_direction_and_clamp_target(model_tok):
     assert u_vec.metadata["clamp_targets"] == {str(l): targets[l] for l in (0, 1)}
 
 
+def test_documented_instruction_clamp_call_steers_per_layer(llama):
+    """``u, c = instruction(...)`` then ``Clamp(u, value=c)`` (the docstring's call): c is a
+    {layer: target} mapping, and the result equals one Clamp per layer with its number; a
+    Clamp with no value takes the targets stored in the vector's metadata."""
+    import fasteer as fs
+
+    model, tok = llama
+    base = random_prompts(6, 7)
+    u, c = instruction(model, tok, [b + " please answer in french" for b in base], base, [0, 1],
+                       batch_size=4, progress=False)
+    enc = tok(random_prompts(1, 8, lo=6, hi=8)[0], return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with fs.steer(model, fs.Clamp(u, value=c)):
+            by_mapping = model(**enc).logits
+        with fs.steer(model, fs.Clamp(u)):
+            by_metadata = model(**enc).logits
+        with fs.steer(model, fs.Clamp(u[0], c[0], layers=[0]), fs.Clamp(u[1], c[1], layers=[1])):
+            one_by_one = model(**enc).logits
+    assert not torch.allclose(by_mapping, plain, atol=1e-3)
+    assert torch.equal(by_mapping, one_by_one) and torch.equal(by_metadata, one_by_one)
+    with pytest.raises(ValueError, match=r"no target for layers \[1\]"):
+        fs.Clamp(u, value={0: 1.0})
+    with pytest.raises(ValueError, match="clamp_targets"):
+        fs.Clamp(u[0], layers=[0])
+    with pytest.raises(ValueError, match="finite"):
+        fs.Clamp(u, value={0: 1.0, 1: float("nan")})
+
+
 def test_ablation_direction_unit_difference_of_means_unequal_sets(model_tok):
     model, tok = model_tok
     harmful, harmless = random_prompts(5, 6), random_prompts(8, 7)

@@ -82,6 +82,22 @@ def test_site_conversion_resid_pre_shifts_down_one(tmp_path):
         write_gguf(rand_vector([3], site="resid_mid"), tmp_path / "x.gguf")
 
 
+def test_resid_pre_metadata_is_renumbered_with_the_directions(tmp_path):
+    pre = SteeringVector({2: torch.randn(8), 5: torch.randn(8)}, site="resid_pre",
+                         metadata={"clamp_targets": {"2": 1.5, "5": -2.0}, "note": "kept"})
+    write_gguf(pre, tmp_path / "pre.gguf")
+    back = read_gguf(tmp_path / "pre.gguf")
+    meta = back.metadata
+    assert back.layers == [1, 4] and meta["layers"] == [1, 4]
+    assert meta["clamp_targets"] == {"1": 1.5, "4": -2.0}
+    assert meta["saved_from_site"] == "resid_pre" and meta["note"] == "kept"
+    post = SteeringVector({2: torch.randn(8)}, metadata={"clamp_targets": {"2": 1.5}})
+    write_gguf(post, tmp_path / "post.gguf")
+    meta = read_gguf(tmp_path / "post.gguf").metadata
+    assert meta["layers"] == [2] and meta["clamp_targets"] == {"2": 1.5}
+    assert "saved_from_site" not in meta
+
+
 def test_model_hint_mismatch_warns(tmp_path):
     path = tmp_path / "cv.gguf"
     write_like_repeng(path, "llama", {1: np.ones(D, np.float32)})

@@ -110,6 +110,28 @@ def _gguf_layers(vector: SteeringVector, allow_layer_zero: bool) -> dict[int, to
     return out
 
 
+# Metadata fields keyed by layer number ({"<layer>": value}): renumbered with the directions.
+_LAYER_KEYED_METADATA = ("clamp_targets",)
+
+
+def _metadata_at_gguf_layers(meta: dict[str, Any], site: str) -> dict[str, Any]:
+    """The metadata as the file's ``direction.N`` numbering sees it (resid_post layers).
+
+    A ``resid_pre`` vector's layer ``l`` is written as ``direction.{l-1}``; every field that
+    names layers moves with it, so the loaded vector's metadata matches its layers."""
+    shift = -1 if site == "resid_pre" else 0
+    meta = dict(meta)
+    meta.pop("layers", None)  # the reader fills it from the tensors
+    meta["site"] = "resid_post"
+    if shift:
+        meta["saved_from_site"] = site
+        for key in _LAYER_KEYED_METADATA:
+            field = meta.get(key)
+            if isinstance(field, dict) and all(str(k).isascii() and str(k).isdigit() for k in field):
+                meta[key] = {str(int(k) + shift): v for k, v in meta[key].items()}
+    return meta
+
+
 def write_gguf(
     vector: SteeringVector,
     path: str | os.PathLike[str],
@@ -133,7 +155,7 @@ def write_gguf(
         model_hint = meta.get("model_type") or meta.get("model_name") or ""
     if not isinstance(model_hint, str):
         raise TypeError(f"model_hint: expected a string, got {type(model_hint).__name__}")
-    meta["site"] = vector.site
+    meta = _metadata_at_gguf_layers(meta, vector.site)
     arrays = {n: t.detach().to("cpu", torch.float32).numpy().copy() for n, t in sorted(layers.items())}
 
     gguf = _gguf()
