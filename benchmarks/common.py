@@ -80,10 +80,18 @@ def interleaved(candidates: dict[str, Callable[[], None]], rounds: int, inner: i
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
+def results_dir() -> Path:
+    """benchmarks/results/ (the committed figures), or the folder FASTEER_BENCH_OUT names
+    (`fasteer bench` sets it, so a user's run never writes into the checkout)."""
+    out = os.environ.get("FASTEER_BENCH_OUT")
+    return Path(out).expanduser() if out else RESULTS
+
+
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path = RESULTS / f"{stem}.json"
-    md_path = RESULTS / f"{stem}.md"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / f"{stem}.json"
+    md_path = folder / f"{stem}.md"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "device"):  # a command that runs a model: check before any work
+            from .commands._common import preflight
+            preflight(args.device)
         return int(args._run(args) or 0)
     except UsageError as exc:
         print(f"fasteer {args.command}: error: {exc}", file=sys.stderr)

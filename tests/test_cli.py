@@ -93,3 +93,92 @@ def test_generate_alpha_not_a_number(tmp_path):
 @pytest.mark.parametrize("args", [["demo", "--dtype", "float8"], ["frobnicate"]])
 def test_argparse_errors_are_one_line(args):
     assert_usage_error(fasteer(*args), "error")
+
+
+# ----------------------------------------------------------------- first-contact defects
+def test_unusable_device_is_a_usage_error():
+    # cuda:99 is unusable on any machine: no CUDA in a CPU torch, or too few devices
+    assert_usage_error(fasteer("demo", "--device", "cuda:99"), "--device cuda:99")
+    assert_usage_error(fasteer("demo", "--device", "warp-drive"), "--device")
+
+
+@pytest.mark.parametrize("backend, words", [("bogus", ["FASTEER_BACKEND", "'bogus'"]),
+                                            ("triton", ["FASTEER_BACKEND", "TRITON_INTERPRET"])])
+def test_bad_backend_environment_is_a_usage_error(monkeypatch, backend, words):
+    monkeypatch.setenv("FASTEER_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert_usage_error(fasteer("generate", "--prompt", "hi", "--vector", "v.gguf"), *words)
+
+
+def test_info_names_the_active_backend_and_flags_a_bad_one(monkeypatch):
+    res = fasteer("info")
+    assert res.returncode == 0, res.stderr
+    assert "active backend on cpu tensors: cpu  (FASTEER_BACKEND unset, so auto)" in res.stdout
+    monkeypatch.setenv("FASTEER_BACKEND", "reference")
+    assert "active backend on cpu tensors: reference" in fasteer("info").stdout
+    monkeypatch.setenv("FASTEER_BACKEND", "bogus")
+    res = fasteer("info")
+    assert "active backend: none -- FASTEER_BACKEND='bogus'" in res.stdout
+    assert "warning" in res.stderr and "'bogus'" in res.stderr
+
+
+def _no_model_loading(monkeypatch):
+    from fasteer.commands import _common
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(_common, "load_model", refuse)
+
+
+def test_demo_layer_is_checked_by_its_own_name_before_loading(monkeypatch, capsys):
+    from fasteer.cli import main
+    _no_model_loading(monkeypatch)
+    assert main(["demo", "--layer", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--layer:" in err and "--layers" not in err and "0..3" in err
+
+
+def test_sweep_without_matplotlib_stops_before_any_work(monkeypatch, capsys, tmp_path):
+    from fasteer.cli import main
+    _no_model_loading(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["sweep", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'fasteer[plot]'" in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_demo_reports_the_latency_ratio_with_its_spread():
+    res = fasteer("demo", "--prompts", "2", "--alphas", "1.3", "--max-new-tokens", "4",
+                  "--timing-rounds", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(l for l in res.stdout.splitlines() if l.startswith("decode latency"))
+    assert "(median of 3 paired rounds; per-round " in line, line
+    assert_usage_error(fasteer("demo", "--timing-rounds", "1"), "--timing-rounds")
+
+
+def test_bench_writes_where_the_user_says_not_into_the_checkout(monkeypatch, tmp_path, capsys):
+    """`fasteer bench` hands its folder to the benchmark scripts (FASTEER_BENCH_OUT), and
+    their write_results honours it; the default is the user's cache, not benchmarks/."""
+    import runpy
+
+    from fasteer.cli import main
+    from fasteer.commands import bench
+
+    seen = {}
+
+    def fake_script(path, run_name):
+        sys.path.insert(0, os.path.dirname(path))
+        import common
+        seen["argv"] = list(sys.argv)
+        seen["paths"] = common.write_results("probe", {"ok": 1}, "# probe\n")
+
+    monkeypatch.setattr(runpy, "run_path", fake_script)
+    assert main(["bench", "ops", "--quick", "--out", str(tmp_path / "mine")]) == 0
+    assert [p.parent for p in seen["paths"]] == [tmp_path / "mine"] * 2
+    assert (tmp_path / "mine" / "probe.json").read_text().strip() == '{\n  "ok": 1\n}'
+    assert "FASTEER_BENCH_OUT" not in os.environ and seen["argv"][1:] == ["--quick"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["bench", "ops"]) == 0
+    assert seen["paths"][0] == tmp_path / "cache" / "fasteer" / "bench" / "probe.json"
+    assert bench.default_out() == tmp_path / "cache" / "fasteer" / "bench"

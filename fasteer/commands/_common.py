@@ -19,8 +19,38 @@ def add_model_argument(parser) -> None:
     parser.add_argument("--model", default=DEMO,
                         help="a Hugging Face causal LM (local path or hub id); default: the "
                              "embedded demo model")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default: %(default)s)")
+
+
+def preflight(device: str) -> torch.device:
+    """Check --device and FASTEER_BACKEND before anything is loaded: one clear line each."""
+    from ..ops.dispatch import preflight as backend_preflight
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) visible")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--device {device}: not usable here ({first})") from None
+    try:
+        backend_preflight(dev.type)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"FASTEER_BACKEND: {exc}") from None
+    return dev
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
@@ -86,8 +116,9 @@ def parse_floats(text: str, name: str) -> list[float]:
     return [parse_float(p, name) for p in parts]
 
 
-def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
-    """'3', '2,5', '4-7' (inclusive) -> list; None -> None. Range-checked."""
+def parse_layers(text: str | None, n_layers: int, name: str = "--layers") -> list[int] | None:
+    """'3', '2,5', '4-7' (inclusive) -> list; None -> None. Range-checked; errors name the
+    option (``name``) the user typed."""
     if text is None:
         return None
     layers = []
@@ -102,11 +133,12 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
             else:
                 layers.append(int(part))
         except ValueError:
-            raise UsageError(f"--layers: expected layer numbers like '3', '2,5' or '4-7', "
+            raise UsageError(f"{name}: expected layer numbers like '3', '2,5' or '4-7', "
                              f"got {text!r}") from None
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad or not layers:
-        raise UsageError(f"--layers: layers must be in 0..{n_layers - 1}, got {text!r}")
+        raise UsageError(f"{name}: layers must be in 0..{n_layers - 1} (the model has "
+                         f"{n_layers} layers), got {text!r}")
     return layers
 
 
@@ -176,10 +208,12 @@ def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="al
 
 
 @torch.inference_mode()
-def decode_overhead(model, tok, vector, alpha, layers, prompts, *, new_tokens=24, rounds=5):
-    """Median seconds per generated token, unsteered vs steered (interleaved rounds)."""
-    import statistics
+def decode_overhead(model, tok, vector, alpha, layers, prompts, *, new_tokens=24, rounds=7):
+    """Seconds per generated token, unsteered and steered, over ``rounds`` paired rounds
+    (each round times one unsteered then one steered generate, after one warm-up).
 
+    Returns ``(base, steered)``: one figure per round each, so callers can report the
+    spread of the per-round ratios, not one number from a noisy machine."""
     import fasteer as fs
     device = next(model.parameters()).device
     batch = tok(list(prompts), return_tensors="pt", padding=True).to(device)
@@ -196,4 +230,14 @@ def decode_overhead(model, tok, vector, alpha, layers, prompts, *, new_tokens=24
         base.append(run())
         with fs.steer(model, fs.Add(vector, alpha=alpha, layers=layers)):
             steered.append(run())
-    return statistics.median(base), statistics.median(steered)
+    return base, steered
+
+
+def overhead_summary(base: list[float], steered: list[float]) -> str:
+    """'1.012x (median of 7 paired rounds; per-round 0.98x-1.05x)' with the medians."""
+    import statistics
+    ratios = sorted(s / b for b, s in zip(base, steered))
+    return (f"unsteered {1e3 * statistics.median(base):.2f} ms/token, steered "
+            f"{1e3 * statistics.median(steered):.2f} ms/token -> "
+            f"{statistics.median(ratios):.3f}x (median of {len(ratios)} paired rounds; "
+            f"per-round {ratios[0]:.3f}x-{ratios[-1]:.3f}x)")

@@ -21,11 +21,18 @@ def add_arguments(parser) -> None:
     C.add_model_argument(parser)
     parser.add_argument("--alphas", default=None,
                         help="comma-separated alphas (default: the demo's calibrated set)")
-    parser.add_argument("--layer", default=None, help="layer to steer (default: the demo's)")
-    parser.add_argument("--prompts", type=int, default=24, help="neutral prompts per alpha")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layer", default=None,
+                        help="layer(s) to steer, e.g. 2 or 1,2 (default: the demo's 2; with "
+                             "--model, the middle layer)")
+    parser.add_argument("--prompts", type=int, default=24,
+                        help="neutral prompts per alpha (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per continuation (default: the demo's 48; 32 with --model)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--timing-rounds", type=int, default=7,
+                        help="paired unsteered/steered rounds of the latency measurement "
+                             "(default: %(default)s)")
     parser.add_argument("--sae", action="store_true",
                         help="also steer and watch the demo SAE's sentiment feature")
 
@@ -40,19 +47,26 @@ def run(args) -> int:
         # the demo model is tiny: one thread avoids oversubscription on a busy machine
         import torch
         torch.set_num_threads(1)
+    # Every argument is checked against the model's config before the model is loaded.
     if args.prompts < 1:
         raise UsageError("--prompts: expected a positive number")
-    model, tok, is_demo = C.load_model(args.model, args.device, args.dtype)
-    n_layers = model.config.num_hidden_layers
-    if args.layer is not None:
-        layers = C.parse_layers(args.layer, n_layers)
-    else:
-        layers = [world.DEMO_LAYER if is_demo else n_layers // 2]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens: expected a positive number")
+    if args.timing_rounds < 2:
+        raise UsageError("--timing-rounds: expected at least 2 (the spread needs several)")
+    is_demo = args.model == C.DEMO
+    config = C.model_config(args.model)
+    n_layers = config.num_hidden_layers
+    layers = C.parse_layers(args.layer, n_layers, "--layer") if args.layer is not None else \
+        [world.DEMO_LAYER if is_demo else n_layers // 2]
     alphas = (C.parse_floats(args.alphas, "--alphas") if args.alphas
               else list(world.DEMO_ALPHAS) if is_demo else [0.0, 2.0, 4.0, 8.0])
     if 0.0 not in alphas:
         alphas = [0.0] + alphas
+    if len(set(alphas)) != len(alphas):
+        raise UsageError("--alphas: values must be distinct")
     max_new = args.max_new_tokens or (world.DEMO_MAX_NEW_TOKENS if is_demo else 32)
+    model, tok, is_demo = C.load_model(args.model, args.device, args.dtype)
 
     print(f"model: {'embedded demo (' + str(world.DEMO_DIR) + ')' if is_demo else args.model}"
           f" · {type(model).__name__}, {n_layers} layers, D={model.config.hidden_size}")
@@ -82,9 +96,12 @@ def run(args) -> int:
 
     if not args.no_timing:
         steer_alpha = next((a for a in alphas if a > 0), 1.0)
-        base, steered = C.decode_overhead(model, tok, vec, steer_alpha, layers, prompts[:4])
-        print(f"\ndecode latency, batch 4: unsteered {1e3 * base:.2f} ms/token, steered "
-              f"(alpha {steer_alpha:g}) {1e3 * steered:.2f} ms/token -> {steered / base:.3f}x")
+        base, steered = C.decode_overhead(model, tok, vec, steer_alpha, layers, prompts[:4],
+                                          rounds=args.timing_rounds)
+        print(f"\ndecode latency, batch 4, alpha {steer_alpha:g}: "
+              f"{C.overhead_summary(base, steered)}")
+        print("(a tiny model on a shared CPU: the spread is the machine's noise; "
+              "`fasteer bench` measures properly)")
     if args.sae:
         from .demo_sae import run_sae_demo
         run_sae_demo(model, tok, prompts, max_new, args.seed)

@@ -36,8 +36,8 @@ def run(args) -> int:
         raise UsageError(f"--out: expected a .safetensors or .gguf path, got {args.out!r}")
     if args.batch_size < 1:
         raise UsageError("--batch-size: expected a positive number")
+    layers = C.parse_layers(args.layers, C.model_config(args.model).num_hidden_layers)
     model, tok, _ = C.load_model(args.model, args.device, args.dtype)
-    layers = C.parse_layers(args.layers, model.config.num_hidden_layers)
     options = dict(site=args.site, batch_size=args.batch_size, chat_template=args.chat_template)
     if args.method in ("caa", "instruction", "ablation"):
         options["position"] = args.position

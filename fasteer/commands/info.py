@@ -1,7 +1,9 @@
 """`fasteer info`: version, torch, and each backend's availability with the reason."""
 from __future__ import annotations
 
+import os
 import platform
+import sys
 
 
 def add_arguments(parser) -> None:
@@ -13,7 +15,7 @@ def collect() -> dict:
 
     from .. import __version__
     from ..ops import backend_status
-    from ..ops.dispatch import CUDA_ROWS_CROSSOVER
+    from ..ops.dispatch import CUDA_ROWS_CROSSOVER, preflight
 
     info = {
         "fasteer": __version__,
@@ -23,7 +25,20 @@ def collect() -> dict:
         "backends": {name: {"available": ok, "detail": why}
                      for name, (ok, why) in backend_status().items()},
         "cuda_rows_crossover": CUDA_ROWS_CROSSOVER,
+        "fasteer_backend_env": os.environ.get("FASTEER_BACKEND"),
+        "active_backend": {},
+        "backend_problem": None,
     }
+    for device_type in ["cpu"] + (["cuda"] if info["cuda_device"] else []):
+        try:
+            name = preflight(device_type)
+        except (ValueError, RuntimeError) as exc:
+            info["backend_problem"] = f"FASTEER_BACKEND={info['fasteer_backend_env']!r}: {exc}"
+            break
+        if name == "auto":
+            name = (f"auto (cuda for <= {CUDA_ROWS_CROSSOVER} rows, else triton when "
+                    "available)")
+        info["active_backend"][device_type] = name
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -45,4 +60,11 @@ def run(args) -> int:
     for name, b in info["backends"].items():
         mark = "yes" if b["available"] else "no "
         print(f"  {name:<10} {mark}  {b['detail']}")
+    chosen = info["fasteer_backend_env"] or "unset, so auto"
+    if info["backend_problem"]:
+        print(f"active backend: none -- {info['backend_problem']}")
+        print(f"fasteer info: warning: {info['backend_problem']}", file=sys.stderr)
+    else:
+        for device_type, name in info["active_backend"].items():
+            print(f"active backend on {device_type} tensors: {name}  (FASTEER_BACKEND {chosen})")
     return 0

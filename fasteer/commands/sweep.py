@@ -18,12 +18,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vector", default=None,
                         help="steering vector file (default: CAA extracted from the demo pairs)")
     parser.add_argument("--alphas", default="-3,-1.3,-0.6,0,0.6,1.3,2,3,5,8,12",
-                        help="comma-separated; write --alphas=-2,0,2 when the first is negative")
-    parser.add_argument("--layers", default=None)
-    parser.add_argument("--prompts", type=int, default=16, help="neutral prompts per alpha")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="sweep.png", help="PNG to write")
+                        help="comma-separated; write --alphas=-2,0,2 when the first is negative "
+                             "(default: %(default)s)")
+    parser.add_argument("--layers", default=None,
+                        help="e.g. '2' or '1,2' (default: the vector's layers; without "
+                             "--vector, the demo's layer 2 or the model's middle layer)")
+    parser.add_argument("--prompts", type=int, default=16,
+                        help="neutral prompts per alpha (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens per continuation (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--out", default="sweep.png",
+                        help="PNG to write (default: %(default)s; needs fasteer[plot])")
 
 
 def run(args) -> int:
@@ -38,6 +44,10 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out: expected a .png path, got {args.out!r}")
+    try:  # before any work: the plot comes last, and losing the whole sweep to it is no way
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("writing the plot needs matplotlib: pip install 'fasteer[plot]'") from None
     config = C.model_config(args.model)
     layers = C.parse_layers(args.layers, config.num_hidden_layers)
     vec = C.load_vector(args.vector, config) if args.vector else None

@@ -83,6 +83,21 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
+def preflight(device_type: str) -> str:
+    """Check FASTEER_BACKEND against a device type before any work starts.
+
+    Returns what a call on that device will use ('cpu', 'reference', ...; on CUDA, 'auto'
+    stays 'auto': the choice there depends on the row count). Raises ValueError for a
+    name that is not a backend and RuntimeError for one that cannot run on the device,
+    with the same messages an op call would give later."""
+    name = requested_backend(None)
+    if device_type == "cpu":
+        return _resolve_cpu(name)
+    if device_type == "cuda" and name == "auto":
+        return name
+    return _resolve_device(name, device_type, 1)
+
+
 _CPU_RESOLVED: dict[str, str] = {}
 
 
