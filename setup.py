@@ -38,6 +38,20 @@ def log(msg: str) -> None:
     print(f"fasteer build: {msg}", file=sys.stderr, flush=True)
 
 
+def notice(msg: str) -> None:
+    """A line the person installing must see. pip captures a build's output and shows it
+    only with -v or on failure, so a long step would sit silent behind "still running...":
+    also write to the controlling terminal when there is one (none in CI: then stderr only)."""
+    log(msg)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"fasteer build: {msg}\n")
+    except OSError:
+        pass
+
+
 def find_nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
@@ -125,6 +139,9 @@ class NinjaBuildExt(build_ext):
 
         run_ninja([targets[e.name] for e in cpu_exts])
         if cuda_exts:
+            notice(f"compiling the CUDA kernels (fasteer._cuda) with {nvcc} for "
+                   f"sm_{', sm_'.join(cuda_archs())}: a few minutes on a small machine, and "
+                   "needed only where a GPU runs them; FASTEER_CUDA=0 skips this step")
             try:
                 run_ninja([targets[e.name] for e in cuda_exts])
             except subprocess.CalledProcessError:

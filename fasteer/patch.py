@@ -21,8 +21,9 @@ Carriers and the numerics they keep:
   float rounding).
 * Hook carriers (``input``/``output``) edit the tensor at a module boundary in place
   with ``steer_``.
-* Full-SAE replaces planned at a point (``SAEReplace``, TopK or multi-feature
-  ``FeatureEdit``; `fasteer.sae.carrier`) run first, in place, then the steer edits.
+* Full-SAE replaces planned at a point (``SAEReplace``, TopK ``FeatureEdit``;
+  `fasteer.sae.carrier`) run first, in place, then the steer edits (``FeatureEdit`` of
+  ReLU / JumpReLU / linear SAEs, one feature or several jointly, is a steer edit).
 * Autograd on (grad enabled and the hidden state requires grad): the edit is computed
   out of place by the differentiable ``steer_norm`` on a copy and written back with
   ``Tensor.copy_``, which autograd records, so the caller's ``residual`` sees the

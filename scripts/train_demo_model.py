@@ -46,7 +46,8 @@ def build_tokenizer():
         special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", padding_side="left", model_max_length=256)
+        unk_token="<unk>", padding_side="left", model_max_length=256,
+        model_input_names=["input_ids", "attention_mask"])  # no token_type_ids: a causal LM
 
 
 def build_model(tokenizer, args):

@@ -37,7 +37,8 @@ def make_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
     # No pad token on purpose (like GPT-2 / Llama tokenizers): fasteer pads by itself.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   model_input_names=["input_ids", "attention_mask"], unk_token="[UNK]")
 
 
 def _scale_weights(model, std):

@@ -26,6 +26,7 @@ def make_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(single="[BOS] $A",
                                                            special_tokens=[("[BOS]", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   model_input_names=["input_ids", "attention_mask"],
                                    unk_token="[UNK]", pad_token="[PAD]")
 
 

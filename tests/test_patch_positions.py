@@ -132,7 +132,12 @@ def test_other_generate_modes_match_cached_generate(rule, mode):
     """use_cache=False re-feeds the whole sequence each step, chunked prefill feeds the
     prompt in pieces: prompt positions must stay prompt positions in both."""
     model = cached_model("llama")
-    ids, mask = prompt_batch(3, 7, "left", seed=8)
+    # transformers 4's chunked prefill mishandles left padding even unsteered (its output
+    # differs from cached generate), so there the prompts are unpadded.
+    import transformers
+    padding = "left" if int(transformers.__version__.split(".")[0]) >= 5 or mode == "no_cache" \
+        else "none"
+    ids, mask = prompt_batch(3, 7, padding, seed=8)
     vecs = random_vectors([0, 1], D, seed=51, scale=3.0)
     iv = fs.Add(vecs, 2.0, positions=rule)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

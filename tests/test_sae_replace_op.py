@@ -145,3 +145,24 @@ def test_bad_input(mutate, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.sae_replace_(h, *args_of(c), activation=L.ACT_TOPK, k=c["k"], backend="cpu")
     assert torch.equal(h, c["h"])
+
+
+def test_cuda_rows_run_on_triton_or_fall_back_without_it(monkeypatch):
+    """No CUDA kernel exists for the full-SAE op: where dispatch picks 'cuda', Triton runs
+    it; without Triton, 'auto' falls back to the reference and an explicit 'cuda' says why."""
+    from fasteer.ops import dispatch
+    from fasteer.ops.sae_replace import implementation
+
+    real_import = dispatch._import
+    monkeypatch.setattr(dispatch, "cuda_module", lambda: object())  # as if fasteer._cuda were built
+    assert implementation("auto", "cuda", 1) in ("triton", "reference")
+    monkeypatch.setattr(dispatch, "_import",
+                        lambda name: (None, "missing") if name == "triton" else real_import(name))
+    assert implementation("auto", "cuda", 1) == "reference"
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        implementation("cuda", "cuda", 1)
+    monkeypatch.setattr(dispatch, "_import",
+                        lambda name: (object(), None) if name == "triton" else real_import(name))
+    assert implementation("auto", "cuda", 1) == "triton"
+    assert implementation("cuda", "cuda", 1) == "triton"
+    assert implementation("auto", "cpu", 1) in ("cpu", "reference")

@@ -25,9 +25,28 @@ _lib.define(
 )
 
 
+def implementation(backend: str, device_type: str, n_rows: int) -> str:
+    """Which implementation runs the full-SAE op: 'reference', 'cpu' or 'triton'.
+
+    There is no hand-written CUDA kernel for this GEMM-bound op: Triton serves CUDA
+    tensors. So where dispatch picks 'cuda' (decode-size rows), Triton runs it, and
+    without Triton installed 'auto' falls back to the reference while an explicit
+    'cuda' is an error naming the fix."""
+    name = dispatch.resolve(backend, device_type, n_rows)
+    if name != "cuda":
+        return name
+    if dispatch._import("triton")[0] is not None:
+        return "triton"
+    if backend == "auto":
+        return "reference"
+    raise RuntimeError("backend 'cuda': the full-SAE op runs on Triton for CUDA tensors and "
+                       "triton is not installed (pip install 'fasteer[triton]', or use "
+                       "backend='reference')")
+
+
 def _run(h2, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
          keep_error, activation, k, in_scale, apply_b_dec_to_input, backend):
-    name = dispatch.resolve(backend, h2.device.type, h2.shape[0])
+    name = implementation(backend, h2.device.type, h2.shape[0])
     args = (h2, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
             keep_error, activation, k, in_scale, apply_b_dec_to_input)
     if name == "reference":
@@ -36,10 +55,6 @@ def _run(h2, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_
         from .cpu.sae_replace import sae_replace_cpu
         sae_replace_cpu(*args)
     elif name == "triton":
-        from .triton.sae_replace import sae_replace_triton
-        sae_replace_triton(*args)
-    elif name == "cuda":
-        # No hand-written CUDA kernel for the GEMM-bound full SAE: Triton serves CUDA tensors.
         from .triton.sae_replace import sae_replace_triton
         sae_replace_triton(*args)
     else:

@@ -79,8 +79,8 @@ _DIRECTION = re.compile(r"^direction\.(\d+)$")
 def _gguf():
     try:
         import gguf
-    except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise ImportError("reading/writing GGUF control vectors needs the 'gguf' package: pip install gguf") from exc
+    except ImportError as exc:  # pragma: no cover - the fasteer[gguf] extra
+        raise ImportError("reading/writing GGUF control vectors needs the 'gguf' package: pip install 'fasteer[gguf]'") from exc
     return gguf
 
 
@@ -246,7 +246,7 @@ def read_gguf(
         if m is None:
             raise ValueError(f"{path}: unexpected tensor {name!r}; control vectors hold 'direction.<N>' tensors")
         if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, expected F32")
+            raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, expected F32 or F16")
         if data.size != int(np.prod(shape)):
             raise ValueError(f"{path}: tensor {name!r} is truncated ({data.size} of {int(np.prod(shape))} values)")
         if len(shape) != 1:
