@@ -28,7 +28,8 @@ import os
 
 import numpy as np
 
-logger = logging.getLogger("fasteer.vllm")
+# a child of vLLM's logger: its handlers and level (INFO) apply, in every process
+logger = logging.getLogger("vllm.fasteer")
 _REGISTERED = False
 
 
@@ -65,12 +66,15 @@ def _patch_input_processor() -> None:
 
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        from .spec import parse, raw_spec, registry_from_env, salt
+        from .spec import SpecError, parse, raw_spec, registry_from_env, salt
 
-        raw = raw_spec(getattr(params, "extra_args", None))
-        if raw is not None:
-            n_layers, hidden = _model_shape(self.model_config)
-            parse(raw, registry_from_env(), n_layers, hidden)   # SpecError -> HTTP 400
+        try:
+            raw = raw_spec(getattr(params, "extra_args", None))
+            if raw is not None:
+                n_layers, hidden = _model_shape(self.model_config)
+                parse(raw, registry_from_env(), n_layers, hidden)
+        except SpecError as exc:
+            raise _request_error(str(exc)) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if raw is not None:
             tag = salt(raw)
@@ -79,6 +83,23 @@ def _patch_input_processor() -> None:
 
     process_inputs._fasteer = True
     InputProcessor.process_inputs = process_inputs
+
+
+def _request_error(message: str) -> Exception:
+    """The error for a bad steering spec: vLLM's client-error type (the server answers
+    HTTP 400 for that request alone) that is also a ValueError (what the offline API and
+    `fasteer.hosts.vllm.SpecError` users catch)."""
+    from vllm.exceptions import VLLMValidationError
+
+    global _RequestError
+    if _RequestError is None:
+        class FasteerRequestError(VLLMValidationError, ValueError):
+            pass
+        _RequestError = FasteerRequestError
+    return _RequestError(message, parameter="vllm_xargs.fasteer")
+
+
+_RequestError = None
 
 
 # ----------------------------------------------------------------------------- worker
