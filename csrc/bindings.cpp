@@ -48,17 +48,20 @@ PYBIND11_MODULE(_C, m) {
          int32_t dtype, uintptr_t slot, uintptr_t gate, uintptr_t meta, uintptr_t params,
          uintptr_t bank, int64_t s, int64_t e, int64_t v, uintptr_t weight, uintptr_t bias,
          int32_t norm_kind, double eps, double weight_offset, bool cast_before_weight,
-         int num_threads) {
+         uintptr_t addend, int64_t addend_stride, int num_threads) {
         SteerNormArgs a{ptr<void>(h), ptr<void>(out), n, d, h_stride, out_stride, dtype,
                         ptr<const int32_t>(slot), ptr<const uint8_t>(gate),
                         ptr<const int32_t>(meta), ptr<const float>(params),
                         ptr<const float>(bank), s, e, v, ptr<const void>(weight),
                         ptr<const void>(bias), norm_kind, float(eps), float(weight_offset),
-                        cast_before_weight, num_threads};
+                        cast_before_weight, num_threads, ptr<const void>(addend),
+                        addend_stride};
         steer_norm_cpu(a);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Fused steer+norm over n rows (see fasteer/ops/layout.py for the tables).");
+      "Fused steer+norm over n rows (see fasteer/ops/layout.py for the tables). A nonzero "
+      "`addend` (rows of h's dtype, row stride `addend_stride`) is added to h first, every "
+      "row (fasteer.ops.add_steer_norm_).");
   m.def("build_info", &build_info);
   m.def("layout_constants", [] {
     return std::map<std::string, int64_t>{

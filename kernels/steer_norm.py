@@ -26,10 +26,15 @@ Why it is written this way
 * A run of JOINT feature edits (one FeatureEdit on several features) takes its dot
   products on one copy of the row, kept in registers next to the row itself (``x_read``):
   every feature sees the same h, as the full SAE would.
-* Rows that are not edited (gate 0, slot -1 or >= S) are never stored to, so they
-  stay bitwise unchanged and cost no write bandwidth. Edited rows are rounded to h's
-  dtype before the norm reads them, exactly as the reference does, so the norm of an
-  edited row equals the norm a separate kernel would compute from the stored row.
+* ``HAS_ADDEND`` (compile-time) is the add-first path of ``add_steer_norm_``: the row
+  becomes round(h + addend) -- the model's residual add -- before anything else reads
+  it (conditions included, which then re-read both rows and add them again), and every
+  row is stored, edited or not. It is the same kernel with one more load, not a copy.
+* Rows that are not edited (gate 0, slot -1 or >= S) are never stored to (without an
+  addend), so they stay bitwise unchanged and cost no write bandwidth. Edited rows are
+  rounded to h's dtype before the norm reads them, exactly as the reference does, so the
+  norm of an edited row equals the norm a separate kernel would compute from the stored
+  row.
 * Everything accumulates in float32; loads and stores are in h's dtype, contiguous
   along D, so the compiler emits 16-byte vector accesses when D and the row stride
   are multiples of 16 elements (Triton specialises on that divisibility).
@@ -96,10 +101,24 @@ def _load_vector(bank_ptr, index, D, offs, dmask):
 
 
 @triton.jit
-def _condition_passes(h_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask):
-    """The edit's condition, evaluated on the incoming row (re-read from h, unmodified)."""
+def _incoming_row(h_row, add_row, offs, dmask, HAS_ADDEND: tl.constexpr,
+                  SOFT_BF16: tl.constexpr):
+    """The row as it enters the edits, float32: h (unmodified until the row's store), or
+    with an addend round(h + addend), the model's residual add in h's dtype."""
+    x = tl.load(h_row + offs, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_ADDEND:
+        added = x + tl.load(add_row + offs, mask=dmask, other=0.0).to(tl.float32)
+        x = _round(added, h_row.dtype.element_ty, SOFT_BF16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _condition_passes(h_row, add_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask,
+                      HAS_ADDEND: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The edit's condition, evaluated on the incoming row (re-read from h, unmodified,
+    and the addend)."""
     c = _load_vector(bank_ptr, tl.load(meta_e + 3), D, offs, dmask)
-    x_in = tl.load(h_row + offs, mask=dmask, other=0.0).to(tl.float32)
+    x_in = _incoming_row(h_row, add_row, offs, dmask, HAS_ADDEND, SOFT_BF16)
     proj = tl.sum(x_in * c, axis=0)
     thresh = tl.load(params_e + 4)
     bias = tl.load(params_e + 5)
@@ -145,7 +164,8 @@ def _apply_edit(x, x_read, kind, code, a, meta_e, params_e, bank_ptr, D, offs, d
 
 
 @triton.jit
-def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs, dmask):
+def _apply_edits(x, h_row, add_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs,
+                 dmask, HAS_ADDEND: tl.constexpr, SOFT_BF16: tl.constexpr):
     """All edits of ``slot`` in order on the float32 row ``x``."""
     # a while loop rather than range(n_edits): same code once compiled (a runtime-bound
     # loop), and Triton 3.6's interpreter cannot range() over a runtime scalar
@@ -162,7 +182,8 @@ def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, off
         cond = (code >> 16) & 0xF
         run = kind != KIND_NONE
         if run & (cond != COND_NONE):
-            run = run & _condition_passes(h_row, meta_e, params_e, cond, bank_ptr, D, offs, dmask)
+            run = run & _condition_passes(h_row, add_row, meta_e, params_e, cond, bank_ptr, D,
+                                          offs, dmask, HAS_ADDEND, SOFT_BF16)
         if run:
             a = tl.load(params_e)
             preserve = (code & PRESERVE_NORM) != 0
@@ -184,30 +205,37 @@ def _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, off
 # otherwise recompile when a count becomes 1).
 @triton.jit(do_not_specialize=["n_slots", "n_edits"])
 def steer_norm_kernel(h_ptr, out_ptr, slot_ptr, gate_ptr, meta_ptr, params_ptr, bank_ptr,
-                      weight_ptr, bias_ptr,
-                      D, stride_h, stride_out, n_slots, n_edits, eps, weight_offset,
+                      weight_ptr, bias_ptr, add_ptr,
+                      D, stride_h, stride_out, stride_add, n_slots, n_edits, eps, weight_offset,
                       BLOCK_D: tl.constexpr, NORM_KIND: tl.constexpr, HAS_EDITS: tl.constexpr,
                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CAST_BEFORE_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Grid: (N,). Program ``row`` edits h[row] in place (if its slot and gate say so)
-    and, unless NORM_KIND is NORM_NONE, writes norm(h[row]) into out[row]."""
+                      CAST_BEFORE_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      HAS_ADDEND: tl.constexpr):
+    """Grid: (N,). Program ``row`` (with HAS_ADDEND: first sets h[row] = round(h[row] +
+    add[row])) edits h[row] in place (if its slot and gate say so) and, unless NORM_KIND is
+    NORM_NONE, writes norm(h[row]) into out[row]."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     dmask = offs < D
     dtype = h_ptr.dtype.element_ty
     h_row = h_ptr + row * stride_h
-    x = tl.load(h_row + offs, mask=dmask, other=0.0).to(tl.float32)
+    add_row = add_ptr + row * stride_add
+    x = _incoming_row(h_row, add_row, offs, dmask, HAS_ADDEND, SOFT_BF16)
 
     if HAS_EDITS:
         slot = tl.load(slot_ptr + row)
         gate = tl.load(gate_ptr + row)
         if (gate != 0) & (slot >= 0) & (slot < n_slots):
-            x = _apply_edits(x, h_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr, D, offs,
-                             dmask)
+            x = _apply_edits(x, h_row, add_row, slot, n_edits, meta_ptr, params_ptr, bank_ptr,
+                             D, offs, dmask, HAS_ADDEND, SOFT_BF16)
             x_rounded = _round(x, dtype, SOFT_BF16)
-            tl.store(h_row + offs, x_rounded, mask=dmask)
+            if not HAS_ADDEND:
+                tl.store(h_row + offs, x_rounded, mask=dmask)
             # the norm reads the row as stored, like a separate norm kernel would
             x = x_rounded.to(tl.float32)
+    if HAS_ADDEND:
+        # every row, edited or not: x holds values of h's dtype, so this is exact
+        tl.store(h_row + offs, x.to(dtype), mask=dmask)
 
     if NORM_KIND != NORM_NONE:
         if NORM_KIND == NORM_RMS:

@@ -80,7 +80,7 @@ def test_refused_launch_raises_runtime_error_with_cuda_text(cuda_module):
     slot = torch.zeros(2, dtype=torch.int32)
     gate = torch.ones(2, dtype=torch.uint8)
     base = [h.data_ptr(), h.data_ptr(), 2, 8, 8, 8, 0, slot.data_ptr(), gate.data_ptr(), 0, 0, 0,
-            0, 0, 0, 0, 0, L.NORM_RMS, 1e-5, 0.0, True, 0]
+            0, 0, 0, 0, 0, L.NORM_RMS, 1e-5, 0.0, True, 0, 0, 0]
     for index, bad in ((17, 7), (6, 9), (1, 0)):   # norm kind, dtype code, out missing
         args = list(base)
         args[index] = bad
@@ -142,9 +142,15 @@ def test_wrapper_marshals_pointers_strides_and_stream(recorder, dtype, code, nor
     expected = (h.data_ptr(), out.data_ptr(), 3, d, 40, 48, code, slot.data_ptr(),
                 gate.data_ptr(), meta.data_ptr(), params.data_ptr(), bank.data_ptr(), 2, 3, 5,
                 weight.data_ptr(), bias.data_ptr() if norm_kind == L.NORM_LAYER else 0,
-                norm_kind, 1e-5, 1.0, False, 0x5EED0)
+                norm_kind, 1e-5, 1.0, False, 0, 0, 0x5EED0)      # no addend: 0, 0
     assert recorder.calls == [expected]
     assert [type(a) for a in recorder.calls[0]] == [type(a) for a in expected]
+    # the add-first path (add_steer_norm_): the addend's pointer and its own row stride
+    recorder.calls.clear()
+    addend = torch.zeros(3, 56, dtype=dtype)[:, :d]     # row stride 56
+    wrapper.steer_norm_cuda(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind,
+                            1e-5, 1.0, False, addend)
+    assert recorder.calls == [expected[:21] + (addend.data_ptr(), 56, 0x5EED0)]
 
 
 def test_wrapper_norm_none_and_empty_batches(recorder):
@@ -362,10 +368,10 @@ extern "C" int emu_steer_norm(void* h, void* out, int64_t n, int64_t d, int64_t 
     int64_t out_stride, int32_t dtype, const int32_t* slot, const uint8_t* gate,
     const int32_t* meta, const float* params, const float* bank, int64_t s, int64_t e, int64_t v,
     const void* weight, const void* bias, int32_t norm_kind, double eps, double weight_offset,
-    bool cast_before_weight, uintptr_t stream) {
+    bool cast_before_weight, const void* addend, int64_t addend_stride, uintptr_t stream) {
   return fasteer::cuda::launch_steer_norm(h, out, n, d, h_stride, out_stride, dtype, slot, gate,
       meta, params, bank, s, e, v, weight, bias, norm_kind, float(eps), float(weight_offset),
-      cast_before_weight, stream);
+      cast_before_weight, addend, addend_stride, stream);
 }
 extern "C" const char* emu_last_kernel() { return emu::last_kernel; }
 extern "C" void emu_drop_barriers(int drop) { emu::drop_barriers = drop != 0; }
@@ -396,7 +402,7 @@ class EmulatedModule:
         i64, i32, p = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
         lib.emu_steer_norm.argtypes = [p, p, i64, i64, i64, i64, i32, p, p, p, p, p, i64, i64,
                                        i64, p, p, i32, ctypes.c_double, ctypes.c_double,
-                                       ctypes.c_bool, ctypes.c_size_t]
+                                       ctypes.c_bool, p, i64, ctypes.c_size_t]
         lib.emu_steer_norm.restype = ctypes.c_int
         lib.emu_last_kernel.restype = ctypes.c_char_p
         lib.emu_limit.restype = ctypes.c_int64

@@ -470,15 +470,16 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     k = kernels_module("steer_norm").steer_norm_kernel
     types = {"h_ptr": "*{dt}", "out_ptr": "*{dt}", "slot_ptr": "*i32", "gate_ptr": "*u8",
              "meta_ptr": "*i32", "params_ptr": "*fp32", "bank_ptr": "*fp32",
-             "weight_ptr": "*{dt}", "bias_ptr": "*{dt}", "D": "i32", "stride_h": "i64",
-             "stride_out": "i64", "n_slots": "i32", "n_edits": "i32", "eps": "fp32",
-             "weight_offset": "fp32"}
+             "weight_ptr": "*{dt}", "bias_ptr": "*{dt}", "add_ptr": "*{dt}", "D": "i32",
+             "stride_h": "i64", "stride_out": "i64", "stride_add": "i64", "n_slots": "i32",
+             "n_edits": "i32", "eps": "fp32", "weight_offset": "fp32"}
     aligned = ["h_ptr", "out_ptr", "slot_ptr", "gate_ptr", "meta_ptr", "params_ptr", "bank_ptr",
-               "weight_ptr", "bias_ptr", "D", "stride_h", "stride_out"]
+               "weight_ptr", "bias_ptr", "add_ptr", "D", "stride_h", "stride_out", "stride_add"]
     report = []
-    for dt, block, norm, cap, warps in json.loads(sys.argv[2]):
+    for dt, block, norm, cap, warps, addend in json.loads(sys.argv[2]):
         const = {"BLOCK_D": block, "NORM_KIND": norm, "HAS_EDITS": True, "HAS_WEIGHT": True,
-                 "HAS_BIAS": norm == 2, "CAST_BEFORE_WEIGHT": True, "SOFT_BF16": False}
+                 "HAS_BIAS": norm == 2, "CAST_BEFORE_WEIGHT": True, "SOFT_BF16": False,
+                 "HAS_ADDEND": addend}
         sig = {n: t.format(dt=dt) for n, t in types.items()}
         sig.update({n: "constexpr" for n in const})
         try:
@@ -498,13 +499,16 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
 def test_kernel_compiles_for_gpus(tmp_path):
     """The interpreter runs Python and does not type-check the kernel (branch types, loop
     carried values): compile it for sm_80 and sm_90 here (no GPU needed), and check that
-    rows of D % 16 == 0 get 16-byte loads and no local-memory spills at D <= 8192."""
+    rows of D % 16 == 0 get 16-byte loads and no local-memory spills at D <= 8192, with
+    and without the add-first path (HAS_ADDEND, `add_steer_norm_`)."""
     pytest.importorskip("triton.backends.nvidia")
     from fasteer.ops.triton.steer_norm import _num_warps
-    cases = [(dt, block, norm, cap, _num_warps(block))
-             for dt, block, norm, cap in [("bf16", 4096, L.NORM_RMS, 80), ("fp16", 8192, L.NORM_LAYER, 90),
-                                          ("fp32", 2048, L.NORM_NONE, 90), ("bf16", 1024, L.NORM_RMS, 90),
-                                          ("fp32", 1, L.NORM_LAYER, 80)]]
+    cases = [(dt, block, norm, cap, _num_warps(block), addend)
+             for dt, block, norm, cap, addend in [
+                 ("bf16", 4096, L.NORM_RMS, 80, False), ("fp16", 8192, L.NORM_LAYER, 90, False),
+                 ("fp32", 2048, L.NORM_NONE, 90, False), ("bf16", 1024, L.NORM_RMS, 90, False),
+                 ("fp32", 1, L.NORM_LAYER, 80, False), ("bf16", 4096, L.NORM_RMS, 90, True),
+                 ("fp16", 8192, L.NORM_RMS, 80, True), ("fp32", 1, L.NORM_LAYER, 90, True)]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     repo = str(Path(__file__).resolve().parents[1])

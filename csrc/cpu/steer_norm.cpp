@@ -11,6 +11,8 @@
 // a*b+c as two roundings, like PyTorch's reference.
 // A run of JOINT feature edits (one multi-feature FeatureEdit) reads a copy of the row
 // taken where the run starts, so every feature sees the same h.
+// With an addend (fasteer.ops.add_steer_norm_) the row first becomes round(h + addend),
+// the model's residual add, and is stored back whether or not an edit applies.
 // Limit: the scratch rows are 2*D floats per thread; rows are independent, so very small
 // batches of very wide rows do not use more than one core.
 #include "steer_norm.h"
@@ -129,15 +131,25 @@ void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
     T* h = static_cast<T*>(a.h) + row * a.h_stride;
     const int64_t slot = a.slot[row];
     const bool active = a.gate[row] != 0 && slot >= 0 && slot < a.s && a.e > 0;
-    if (!active && a.norm_kind == kNormNone) continue;
+    if (!active && a.norm_kind == kNormNone && a.addend == nullptr) continue;
 
-    for (int64_t i = 0; i < d; ++i) x[i] = to_float(h[i]);
+    if (a.addend != nullptr) {
+      // the model's residual add, rounded as its own add would be; the edits (and their
+      // conditions) then read this row
+      const T* add = static_cast<const T*>(a.addend) + row * a.addend_stride;
+      for (int64_t i = 0; i < d; ++i) x[i] = round_to<T>(to_float(h[i]) + to_float(add[i]));
+    } else {
+      for (int64_t i = 0; i < d; ++i) x[i] = to_float(h[i]);
+    }
     if (active && apply_slot_edits(a, slot, x, passes, read_copy)) {
       for (int64_t i = 0; i < d; ++i) {
         const T v = from_float<T>(x[i]);
         h[i] = v;
         x[i] = to_float(v);  // the norm reads what the model will see
       }
+    } else if (a.addend != nullptr) {
+      // not edited: still the sum (x holds values of T already, the conversion is exact)
+      for (int64_t i = 0; i < d; ++i) h[i] = from_float<T>(x[i]);
     }
     if (a.norm_kind == kNormNone) continue;
 

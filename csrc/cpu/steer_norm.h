@@ -21,6 +21,11 @@ struct SteerNormArgs {
   float eps, weight_offset;
   bool cast_before_weight;
   int num_threads;
+  // Optional residual add first (fasteer.ops.add_steer_norm_): when not nullptr, each row
+  // of h becomes round(h + addend) before its edits, and every row of h is stored (the
+  // model's own add). [n, d] rows of `dtype`, row stride addend_stride (elements).
+  const void* addend = nullptr;
+  int64_t addend_stride = 0;
 };
 
 // Throws std::invalid_argument on an unknown dtype or norm kind.

@@ -60,19 +60,21 @@ PYBIND11_MODULE(_cuda, m) {
          int32_t dtype, uintptr_t slot, uintptr_t gate, uintptr_t meta, uintptr_t params,
          uintptr_t bank, int64_t s, int64_t e, int64_t v, uintptr_t weight, uintptr_t bias,
          int32_t norm_kind, double eps, double weight_offset, bool cast_before_weight,
-         uintptr_t stream) {
+         uintptr_t addend, int64_t addend_stride, uintptr_t stream) {
         check(fasteer::cuda::launch_steer_norm(
                   reinterpret_cast<void*>(h), reinterpret_cast<void*>(out), n, d, h_stride,
                   out_stride, dtype, reinterpret_cast<const int32_t*>(slot),
                   reinterpret_cast<const uint8_t*>(gate), reinterpret_cast<const int32_t*>(meta),
                   reinterpret_cast<const float*>(params), reinterpret_cast<const float*>(bank), s,
                   e, v, reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(bias),
-                  norm_kind, float(eps), float(weight_offset), cast_before_weight, stream),
+                  norm_kind, float(eps), float(weight_offset), cast_before_weight,
+                  reinterpret_cast<const void*>(addend), addend_stride, stream),
               "steer_norm launch");
       },
       py::call_guard<py::gil_scoped_release>(),
       "Fused steer+norm over n rows on `stream` (a cudaStream_t as an integer). Arguments as "
-      "fasteer._C.steer_norm, with the stream in place of num_threads.");
+      "fasteer._C.steer_norm (a nonzero `addend` is added to h first), with the stream in "
+      "place of num_threads.");
   m.def("limits", [] {
     return std::map<std::string, int64_t>{{"max_register_row", fasteer::cuda::kMaxRegisterRow},
                                           {"max_loop_edits", fasteer::cuda::kMaxLoopEdits}};

@@ -41,6 +41,14 @@
 //   LayerNorm `y * w + b` may be contracted by nvcc: at most one float32 rounding apart.)
 // * Rows that are not edited (gate 0, slot -1 or >= S, every edit skipped) are never
 //   written. Edited rows are rounded to h's dtype and the norm reads the rounded values.
+// * An optional addend (fasteer.ops.add_steer_norm_: the model's residual add, fused) is a
+//   prologue: as a row is loaded, round(h + addend) is formed and stored back into h (every
+//   row: it is the model's own add), and from there on the kernels run unchanged, h holding
+//   the incoming row wherever they re-read it. Storing the sum first, rather than keeping
+//   the addend's pointer live for the re-reads, leaves the edit loop's registers as they
+//   were (no spills); an edited row is then written twice, the second time from registers
+//   into lines the first store brought into L2. A runtime pointer, not a template flag:
+//   the same instantiations serve both ops.
 // * No allocation, no host synchronisation; launched on the caller's stream.
 #include <cuda_runtime.h>
 
@@ -86,6 +94,8 @@ struct KernelArgs {
   int32_t norm_kind;
   float eps, weight_offset;
   bool cast_before_weight;
+  const void* addend;     // nullptr, or [n, d] of T added to h first (row stride below)
+  int64_t addend_stride;
 };
 
 // One applied edit in the form both kernels execute it:
@@ -206,6 +216,23 @@ __device__ __forceinline__ void store_chunk(T* p, int64_t base, int64_t d,
   }
 }
 
+// The addend's prologue on one loaded chunk `v` of h: v <- round(v + addend) and that sum
+// stored back into h (elements past d: v stays 0, nothing is stored).
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void add_chunk(T* h, const T* add, int64_t base, int64_t d,
+                                          float (&v)[Chunk<T>::kVec]) {
+  constexpr int V = Chunk<T>::kVec;
+  float av[V];
+  load_chunk<T, ALIGNED>(add, base, d, av);
+  typename Chunk<T>::Raw raw;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    raw.e[j] = from_float<T>(__fadd_rn(v[j], av[j]));
+    v[j] = to_float(raw.e[j]);
+  }
+  store_chunk<T, ALIGNED>(h, base, d, raw);
+}
+
 // V float32 bank values at `base` (bank rows are read-only for the kernel's lifetime).
 template <int V, bool ALIGNED>
 __device__ __forceinline__ void load_bank_chunk(const float* p, int64_t base, int64_t d,
@@ -251,7 +278,8 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
   const int64_t d = a.d;
   const int32_t slot = a.slot[row];
   const bool active = a.gate[row] != 0 && slot >= 0 && slot < a.s && a.e > 0;
-  if (!active && a.norm_kind == kNormNone) return;  // uniform over the row's threads
+  // uniform over the row's threads
+  if (!active && a.norm_kind == kNormNone && a.addend == nullptr) return;
 
   T* h = static_cast<T*>(a.h) + row * a.h_stride;
   int64_t base[NV];
@@ -266,6 +294,10 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
   for (int k = 0; k < NV; ++k) {
     if (base[k] < d) {
       load_chunk<T, ALIGNED>(h, base[k], d, x[k]);
+      // the add prologue: each thread re-reads only its own chunks of h, no barrier
+      if (a.addend != nullptr)
+        add_chunk<T, ALIGNED>(h, static_cast<const T*>(a.addend) + row * a.addend_stride,
+                              base[k], d, x[k]);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) x[k][j] = 0.0f;
@@ -488,7 +520,8 @@ __global__ void __launch_bounds__(WARP_ROWS ? kWarpRowsThreads : kMaxThreads)
 // Any D: one block per row, element i handled by thread i % blockDim (coalesced). The
 // edited row is never materialised: every pass rebuilds x[i] from h_in[i] by replaying
 // the applied edits (records in dynamic shared memory), with the register kernel's exact
-// operations, so the results are the same; h is written once, at the end.
+// operations, so the results are the same; h is written once, at the end (with an addend,
+// also once at the start: the sum, the row every replay starts from).
 template <typename T>
 __device__ __forceinline__ float replay(const T* h, const float* bank, int64_t d, int64_t i,
                                         const EditRecord* recs, int count) {
@@ -513,8 +546,15 @@ __global__ void __launch_bounds__(kMaxThreads) steer_norm_loop_kernel(const Kern
   const int tid = threadIdx.x, nt = blockDim.x;
   const int32_t slot = a.slot[row];
   const bool active = a.gate[row] != 0 && slot >= 0 && slot < a.s && a.e > 0;
-  if (!active && a.norm_kind == kNormNone) return;
+  if (!active && a.norm_kind == kNormNone && a.addend == nullptr) return;
   T* h = static_cast<T*>(a.h) + row * a.h_stride;
+  if (a.addend != nullptr) {
+    // the add prologue: h <- round(h + addend), the incoming row every pass below replays
+    // from (each thread re-reads only the elements it writes here: no barrier needed)
+    const T* add = static_cast<const T*>(a.addend) + row * a.addend_stride;
+    for (int64_t i = tid; i < d; i += nt)
+      h[i] = from_float<T>(__fadd_rn(to_float(h[i]), to_float(add[i])));
+  }
   int count = 0;       // applied edits so far
   int read_count = 0;  // applied edits in the row JOINT edits read (layout.py: r_e)
 
@@ -710,6 +750,8 @@ cudaError_t launch_dtype(const KernelArgs& a, cudaStream_t stream) {
   constexpr int V = Chunk<T>::kVec;
   const bool aligned = a.d % V == 0 && a.h_stride % V == 0 && aligned16(a.h) &&
                        (a.out == nullptr || (a.out_stride % V == 0 && aligned16(a.out))) &&
+                       (a.addend == nullptr ||
+                        (a.addend_stride % V == 0 && aligned16(a.addend))) &&
                        (a.weight == nullptr || aligned16(a.weight)) &&
                        (a.bias == nullptr || aligned16(a.bias)) &&
                        (a.bank == nullptr || aligned16(a.bank));
@@ -723,7 +765,7 @@ int launch_steer_norm(void* h, void* out, int64_t n, int64_t d, int64_t h_stride
                       const int32_t* meta, const float* params, const float* bank, int64_t s,
                       int64_t e, int64_t v, const void* weight, const void* bias,
                       int32_t norm_kind, float eps, float weight_offset, bool cast_before_weight,
-                      uintptr_t stream) {
+                      const void* addend, int64_t addend_stride, uintptr_t stream) {
   (void)v;  // bank rows: validated on the Python side
   if (norm_kind != kNormNone && norm_kind != kNormRms && norm_kind != kNormLayer)
     return int(cudaErrorInvalidValue);
@@ -740,7 +782,7 @@ int launch_steer_norm(void* h, void* out, int64_t n, int64_t d, int64_t h_stride
                norm_kind == kNormNone ? nullptr : weight,
                norm_kind == kNormLayer ? bias : nullptr,
                n, d, h_stride, out_stride, s, e, norm_kind, eps, weight_offset,
-               cast_before_weight};
+               cast_before_weight, addend, addend == nullptr ? 0 : addend_stride};
   auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32: return int(launch_dtype<float>(a, st));

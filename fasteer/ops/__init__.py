@@ -3,6 +3,8 @@
 Public ops:
     steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind=...)
         edit h in place from slot tables, write norm(h) into out (fused carriers)
+    add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind=...)
+        h = h + x (a fused residual add, every row), then as steer_norm_ (vLLM-style norms)
     steer_(h, slot, gate, meta, params, bank)
         edit h in place, no norm (hook carriers)
     steer_norm(...)
@@ -14,9 +16,10 @@ Backends: reference, cpu (fasteer._C), triton (fasteer.kernels), cuda (fasteer._
 see `backend_status()` and `fasteer info`.
 """
 from . import layout
+from .add_steer_norm import add_steer_norm_
 from .dispatch import BACKENDS, backend_status
 from .sae_replace import sae_replace_
 from .steer_norm import steer_, steer_norm, steer_norm_, validate_tables
 
-__all__ = ["BACKENDS", "backend_status", "layout", "sae_replace_", "steer_", "steer_norm",
-           "steer_norm_", "validate_tables"]
+__all__ = ["BACKENDS", "add_steer_norm_", "backend_status", "layout", "sae_replace_", "steer_",
+           "steer_norm", "steer_norm_", "validate_tables"]

@@ -21,6 +21,7 @@ import torch
 
 from . import dispatch
 from . import layout as L
+from .reference import add_steer_norm as reference_add_steer_norm
 from .reference import steer_norm as reference_steer_norm
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,9 +39,14 @@ _lib.define(
 
 
 def _reference_impl(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                    weight_offset, cast_before_weight):
-    h_new, normed = reference_steer_norm(h2, slot, gate, meta, params, bank, weight, bias,
-                                         norm_kind, eps, weight_offset, cast_before_weight)
+                    weight_offset, cast_before_weight, addend=None):
+    if addend is None:
+        h_new, normed = reference_steer_norm(h2, slot, gate, meta, params, bank, weight, bias,
+                                             norm_kind, eps, weight_offset, cast_before_weight)
+    else:
+        h_new, normed = reference_add_steer_norm(h2, addend, slot, gate, meta, params, bank,
+                                                 weight, bias, norm_kind, eps, weight_offset,
+                                                 cast_before_weight)
     h2.copy_(h_new)
     if out2 is not None:
         out2.copy_(normed)
@@ -48,7 +54,9 @@ def _reference_impl(h2, out2, slot, gate, meta, params, bank, weight, bias, norm
 
 @functools.lru_cache(maxsize=None)
 def _backend_impl(name: str):
-    """The steer+norm function of a backend (imported on first use)."""
+    """The steer+norm function of a backend (imported on first use). Each takes an
+    optional last argument ``addend`` ([N, D] like h, or None): the add-first path of
+    `fasteer.ops.add_steer_norm_`, run by the same kernels."""
     if name == "reference":
         return _reference_impl
     if name == "cpu":
@@ -64,11 +72,12 @@ def _backend_impl(name: str):
 
 
 def _run(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
-         cast_before_weight, backend):
-    """Run the op on [N, D] views with the resolved backend (out2 None for NORM_NONE)."""
+         cast_before_weight, backend, addend2=None):
+    """Run the op on [N, D] views with the resolved backend (out2 None for NORM_NONE;
+    addend2, when given, is added to h2 first: `fasteer.ops.add_steer_norm_`)."""
     impl = _backend_impl(dispatch.resolve(backend, h2.device.type, h2.shape[0]))
     impl(h2, out2, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
-         cast_before_weight)
+         cast_before_weight, addend2)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,10 @@ def _limits() -> tuple[int, int]:
 
 
 def steer_norm_cuda(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                    weight_offset, cast_before_weight):
-    """h, out: [N, D] (row strides allowed, unit inner stride); out None for NORM_NONE."""
+                    weight_offset, cast_before_weight, addend=None):
+    """h, out: [N, D] (row strides allowed, unit inner stride); out None for NORM_NONE.
+    ``addend`` (like h, or None): every row of h becomes round(h + addend) first
+    (`fasteer.ops.add_steer_norm_`)."""
     n, d = h.shape
     if n == 0:
         return
@@ -60,7 +62,8 @@ def steer_norm_cuda(h, out, slot, gate, meta, params, bank, weight, bias, norm_k
             DTYPE_CODES[h.dtype], slot.data_ptr(), gate.data_ptr(), meta.data_ptr(),
             params.data_ptr(), bank.data_ptr(), n_slots, n_edits, bank.shape[0],
             _ptr(weight), _ptr(bias) if norm_kind == L.NORM_LAYER else 0, int(norm_kind),
-            float(eps), float(weight_offset), bool(cast_before_weight), _raw_stream(index))
+            float(eps), float(weight_offset), bool(cast_before_weight), _ptr(addend),
+            0 if addend is None else addend.stride(0), _raw_stream(index))
     module = dispatch.cuda_module()
     if index == _current_device():
         module.steer_norm(*args)

@@ -1,4 +1,5 @@
 """`reference` backend: plain PyTorch, any device, autograd. It defines the semantics."""
+from .add_steer_norm import add_steer_norm
 from .steer_norm import steer_norm
 
-__all__ = ["steer_norm"]
+__all__ = ["add_steer_norm", "steer_norm"]

@@ -35,8 +35,9 @@ def steer_norm_triton(h2: torch.Tensor, out2: torch.Tensor | None, slot: torch.T
                       gate: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
                       bank: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       norm_kind: int, eps: float, weight_offset: float,
-                      cast_before_weight: bool) -> None:
-    """Edit ``h2`` [N, D] in place; write norm into ``out2`` [N, D] (None for NORM_NONE)."""
+                      cast_before_weight: bool, addend: torch.Tensor | None = None) -> None:
+    """Edit ``h2`` [N, D] in place; write norm into ``out2`` [N, D] (None for NORM_NONE).
+    ``addend`` ([N, D] like h2, or None): h2 = round(h2 + addend) first, every row."""
     n_rows, hidden = h2.shape
     if n_rows == 0:
         return
@@ -61,12 +62,15 @@ def steer_norm_triton(h2: torch.Tensor, out2: torch.Tensor | None, slot: torch.T
             meta if has_edits else slot, params if has_edits else placeholder,
             bank if has_edits and bank.numel() else placeholder,
             placeholder if weight is None else weight, placeholder if bias is None else bias,
-            hidden, h2.stride(0), 0 if out2 is None else out2.stride(0), n_slots, n_edits,
+            placeholder if addend is None else addend,
+            hidden, h2.stride(0), 0 if out2 is None else out2.stride(0),
+            0 if addend is None else addend.stride(0), n_slots, n_edits,
             float(eps), float(weight_offset),
             BLOCK_D=block_d, NORM_KIND=int(norm_kind), HAS_EDITS=has_edits,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and norm_kind == L.NORM_LAYER,
             CAST_BEFORE_WEIGHT=bool(cast_before_weight),
             SOFT_BF16=not h2.is_cuda,  # the interpreter's bf16 conversion truncates
+            HAS_ADDEND=addend is not None,
             num_warps=_num_warps(block_d),
         )
