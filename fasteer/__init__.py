@@ -1,5 +1,6 @@
 """fasteer: activation steering fused into the kernels a model already runs."""
 from ._version import __version__
+from ._files import FileFormatError
 from .interventions import Ablate, Add, Clamp, Condition, Cosine, Projection, Scale
 from .patch import Steerer, patch, steer
 from .sae import SAE
@@ -9,4 +10,4 @@ from . import extract
 
 __all__ = ["__version__", "Ablate", "Add", "Clamp", "Condition", "Cosine", "Projection", "Scale",
            "SAE", "Steerer", "SteeringVector", "extract", "patch", "steer"]
-__all__ += ["FeatureEdit", "SAEReplace"]
+__all__ += ["FeatureEdit", "FileFormatError", "SAEReplace"]

@@ -58,8 +58,10 @@ same layers, values (F32, bit for bit) and metadata.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -67,13 +69,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import PARSE_ERRORS, FileFormatError, loads_json
 from .steering_vector import SteeringVector, _atomic_write
 
 ARCH = "controlvector"
 KEY_MODEL_HINT = f"{ARCH}.model_hint"
 KEY_LAYER_COUNT = f"{ARCH}.layer_count"
 KEY_FASTEER_METADATA = "fasteer.metadata"
-_DIRECTION = re.compile(r"^direction\.(\d+)$")
+# ASCII digits only ("direction.٣" is not layer 3) and no leading zeros ("direction.01" beside
+# "direction.1" would name layer 1 twice); llama.cpp's own writer never produces either.
+_DIRECTION = re.compile(r"^direction\.(0|[1-9][0-9]{0,8})$", re.ASCII)
 
 
 def _gguf():
@@ -176,13 +181,6 @@ def write_gguf(
     return path
 
 
-def _field_value(reader, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    return field.contents()
-
-
 def _model_names(expected_model: Any) -> list[str]:
     """Names ``expected_model`` goes by: its model type and its name/path, lower-cased."""
     if isinstance(expected_model, str):
@@ -205,6 +203,198 @@ def _hint_matches(hint: str, names: list[str]) -> bool:
     return any(hint == name or hint in name or name in hint for name in names)
 
 
+# ----------------------------------------------------------------------------- reading
+# The reader below parses the GGUF layout itself (``ggml/include/gguf.h``, ``gguf-py``'s
+# ``GGUFReader``), bounding every declared count and length by the bytes left in the file
+# before it reads or allocates anything, so a hostile file cannot hang the process or make it
+# allocate memory the file does not hold.  It decodes only the keys a control vector needs.
+_GGUF_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+_MAX_ARRAY_NESTING = 8
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_KEY_LEN = 65536
+# GGUF value types: fixed sizes and struct codes (little-endian).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+# GGML tensor types a control vector may hold, with their numpy dtype.
+_TENSOR_TYPES = {0: ("F32", np.dtype("<f4")), 1: ("F16", np.dtype("<f2"))}
+_WANTED_KEYS = ("general.architecture", "general.alignment", KEY_MODEL_HINT, KEY_LAYER_COUNT, KEY_FASTEER_METADATA)
+
+
+def _type_name(ttype: int) -> str:
+    try:
+        return _gguf().GGMLQuantizationType(ttype).name
+    except Exception:  # noqa: BLE001 - unknown number, or gguf not installed
+        return f"#{ttype}"
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a buffer; every error names the field."""
+
+    def __init__(self, buf, path: Path) -> None:
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def fail(self, field: str, problem: str) -> FileFormatError:
+        return FileFormatError(self.path, field, problem)
+
+    def need(self, n: int, field: str) -> None:
+        if n < 0 or n > self.size - self.pos:
+            raise self.fail(field, f"needs {n} bytes at offset {self.pos} but the file has "
+                                   f"{self.size - self.pos} left (truncated or corrupt)")
+
+    def scalar(self, code: str, field: str):
+        n = struct.calcsize("<" + code)
+        self.need(n, field)
+        (value,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, field: str, limit: int | None = None) -> str:
+        n = self.scalar("Q", f"{field} length")
+        if limit is not None and n > limit:
+            raise self.fail(field, f"string of {n} bytes is longer than {limit}")
+        self.need(n, field)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(field, "not valid UTF-8") from None
+
+    def skip_string(self, field: str) -> None:
+        n = self.scalar("Q", f"{field} length")
+        self.need(n, field)
+        self.pos += n
+
+    def value(self, vtype: int, field: str, keep: bool, depth: int = 0):
+        """Read (``keep``) or skip one value of GGUF type ``vtype``."""
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], field)
+        if vtype == _STRING:
+            if keep:
+                return self.string(field)
+            self.skip_string(field)
+            return None
+        if vtype != _ARRAY:
+            raise self.fail(field, f"unknown value type {vtype}")
+        if depth >= _MAX_ARRAY_NESTING:
+            raise self.fail(field, f"arrays nested more than {_MAX_ARRAY_NESTING} deep")
+        etype = self.scalar("I", f"{field} element type")
+        count = self.scalar("Q", f"{field} element count")
+        if etype in _SCALARS:
+            n = count * struct.calcsize("<" + _SCALARS[etype])
+            self.need(n, field)  # bounded by the file before anything is read
+            self.pos += n
+            return None
+        if etype not in (_STRING, _ARRAY):
+            raise self.fail(field, f"unknown array element type {etype}")
+        # Every string/array element takes at least 8 (resp. 12) bytes: bound the count first.
+        least = 8 if etype == _STRING else 12
+        if count > (self.size - self.pos) // least:
+            raise self.fail(field, f"declares {count} elements but the file has {self.size - self.pos} bytes left")
+        for i in range(count):
+            self.value(etype, f"{field}[{i}]", False, depth + 1)
+        return None
+
+
+def _parse_gguf(buf, path: Path) -> tuple[dict[str, Any], list[tuple[str, int, list[int], np.ndarray]]]:
+    """(wanted key values, [(name, type, shape, data)]) of a GGUF file held in ``buf``."""
+    c = _Cursor(buf, path)
+    c.need(4, "magic")
+    if bytes(buf[:4]) != b"GGUF":
+        raise c.fail("magic", "not a GGUF file")
+    c.pos = 4
+    version = c.scalar("I", "version")
+    if version not in _GGUF_VERSIONS:
+        if version & 0xFFFF == 0 and (version >> 16) in (2, 3, 512, 768):
+            raise c.fail("version", "big-endian GGUF files are not supported")
+        raise c.fail("version", f"{version} is not supported (expected 2 or 3)")
+    n_tensors = c.scalar("Q", "tensor_count")
+    n_kv = c.scalar("Q", "kv_count")
+    # Each KV pair takes at least 8 + 4 + 1 bytes, each tensor info at least 8 + 4 + 4 + 8.
+    if n_kv > (c.size - c.pos) // 13:
+        raise c.fail("kv_count", f"{n_kv} key/value pairs cannot fit in a {c.size}-byte file")
+    if n_tensors > (c.size - c.pos) // 24:
+        raise c.fail("tensor_count", f"{n_tensors} tensors cannot fit in a {c.size}-byte file")
+    values: dict[str, Any] = {}
+    seen: set[str] = set()
+    for i in range(n_kv):
+        key = c.string(f"key #{i}", limit=_MAX_KEY_LEN)
+        if key in seen:
+            raise c.fail(key, "key given twice")
+        seen.add(key)
+        vtype = c.scalar("I", f"{key} type")
+        keep = key in _WANTED_KEYS
+        value = c.value(vtype, key, keep)
+        if keep:
+            values[key] = (vtype, value)
+    arch = values.get("general.architecture", (None, None))[1]
+    if arch != ARCH:  # before the tensors: a model file is refused without touching its weights
+        raise c.fail(
+            "general.architecture",
+            f"general.architecture is {arch!r}, expected {ARCH!r} (is this a model file "
+            "rather than a control vector?)"
+        )
+    infos = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = c.string(f"tensor #{i} name", limit=_MAX_KEY_LEN)
+        if name in names:
+            raise c.fail(f"tensor {name!r}", "name given twice")
+        names.add(name)
+        n_dims = c.scalar("I", f"tensor {name!r} n_dims")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise c.fail(f"tensor {name!r} n_dims", f"{n_dims} (expected 1..{_MAX_DIMS})")
+        shape = [c.scalar("Q", f"tensor {name!r} shape") for _ in range(n_dims)]
+        ttype = c.scalar("I", f"tensor {name!r} type")
+        offset = c.scalar("Q", f"tensor {name!r} offset")
+        infos.append((name, shape, ttype, offset))
+    alignment = _DEFAULT_ALIGNMENT
+    if "general.alignment" in values:
+        vtype, align = values["general.alignment"]
+        if vtype != 4 or align == 0 or align & (align - 1):
+            raise c.fail("general.alignment", f"expected a power-of-two uint32, got {align!r}")
+        alignment = align
+    data_start = -(-c.pos // alignment) * alignment
+    tensors = []
+    spans = []
+    for name, shape, ttype, offset in infos:
+        field = f"tensor {name!r}"
+        if ttype not in _TENSOR_TYPES:
+            raise c.fail(f"{field} type", f"has type {_type_name(ttype)}, expected F32 or F16")
+        dtype = _TENSOR_TYPES[ttype][1]
+        if offset % alignment:
+            raise c.fail(f"{field} offset", f"{offset} is not a multiple of the alignment {alignment}")
+        count = 1
+        for d in shape:
+            count *= d
+        begin = data_start + offset
+        end = begin + count * dtype.itemsize
+        if end > c.size:
+            raise c.fail(f"{field} offset", f"data [{begin}, {end}) runs past the end of the "
+                                            f"{c.size}-byte file (truncated or corrupt)")
+        spans.append((begin, end, name))
+        tensors.append((name, ttype, [int(d) for d in reversed(shape)], begin, count, dtype))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise c.fail(f"tensor {n1!r} offset", f"its data overlaps the data of tensor {n0!r}")
+    out = [
+        (name, ttype, shape, np.frombuffer(buf, dtype=dtype, count=count, offset=begin).copy())
+        for name, ttype, shape, begin, count, dtype in tensors
+    ]
+    return {k: v for k, (t, v) in values.items()}, out
+
+
+def _typed(values: dict[str, Any], key: str, kind: type, path: Path, what: str) -> Any:
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise FileFormatError(path, key, f"expected {what}, got {value!r}")
+    return value
+
+
 def read_gguf(
     path: str | os.PathLike[str],
     *,
@@ -214,46 +404,46 @@ def read_gguf(
     """Read a llama.cpp / repeng control vector as a ``resid_post`` `SteeringVector`.
 
     ``expected_model`` (a string or a model): warn when the file's ``controlvector.model_hint``
-    names another model.  A file that is not a readable control vector raises ``ValueError``
-    naming the path and the problem; nothing is returned half-read."""
+    names another model.  A file that is not a readable control vector raises
+    `fasteer.FileFormatError` (a ``ValueError``) naming the path and the field; nothing is
+    returned half-read.  Every count and length the file declares is checked against its real
+    size before anything is read, so a malformed file cannot hang or exhaust memory."""
     path = Path(path)
     names = _model_names(expected_model) if expected_model is not None else None
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(str(path))
-        arch = _field_value(reader, "general.architecture")
-        hint = _field_value(reader, KEY_MODEL_HINT)
-        count = _field_value(reader, KEY_LAYER_COUNT)
-        fasteer_meta = _field_value(reader, KEY_FASTEER_METADATA)
-        tensors = [
-            (t.name, t.tensor_type, [int(d) for d in t.shape], np.array(t.data, copy=True))
-            for t in reader.tensors
-        ]
-        del reader  # release the memory map now, not at garbage collection
-    except Exception as exc:  # gguf raises ValueError/IndexError/struct/UnicodeDecodeError...
-        raise ValueError(f"{path}: corrupt or unreadable GGUF file ({type(exc).__name__}: {exc})") from None
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise FileFormatError(path, "magic", "empty file, not a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                values, tensors = _parse_gguf(buf, path)
+    except (FileFormatError, OSError, MemoryError):
+        raise
+    except PARSE_ERRORS as exc:  # a safety net: the parser above should have named the field
+        raise FileFormatError(path, None, f"corrupt or unreadable GGUF file ({type(exc).__name__}: {exc})") from None
+    hint = _typed(values, KEY_MODEL_HINT, str, path, "a string")
+    count = _typed(values, KEY_LAYER_COUNT, int, path, "an integer")
+    fasteer_meta = _typed(values, KEY_FASTEER_METADATA, str, path, "a JSON string")
 
-    if arch != ARCH:
-        raise ValueError(
-            f"{path}: general.architecture is {arch!r}, expected {ARCH!r} (is this a model file "
-            "rather than a control vector?)"
-        )
     directions: dict[int, np.ndarray] = {}
     for name, ttype, shape, data in tensors:
         m = _DIRECTION.match(name)
         if m is None:
-            raise ValueError(f"{path}: unexpected tensor {name!r}; control vectors hold 'direction.<N>' tensors")
-        if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, expected F32 or F16")
-        if data.size != int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name!r} is truncated ({data.size} of {int(np.prod(shape))} values)")
+            raise FileFormatError(
+                path, f"tensor {name!r}",
+                f"unexpected tensor {name!r}; control vectors hold 'direction.<N>' tensors "
+                "(N in ASCII digits, no leading zeros)"
+            )
         if len(shape) != 1:
-            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected a 1-D [n_embd] vector")
-        directions[int(m.group(1))] = data.reshape(-1).astype(np.float32)
+            raise FileFormatError(path, f"tensor {name!r}", f"has shape {shape}, expected a 1-D [n_embd] vector")
+        layer = int(m.group(1))
+        if layer in directions:
+            raise FileFormatError(path, f"tensor {name!r}", f"layer {layer} stored twice")
+        directions[layer] = data.reshape(-1).astype(np.float32)
     if not directions:
-        raise ValueError(f"{path}: control vector holds no direction tensors")
+        raise FileFormatError(path, None, "control vector holds no direction tensors")
     if count is not None and int(count) != len(directions):
         warnings.warn(
             f"{path}: {KEY_LAYER_COUNT} says {count} but the file holds {len(directions)} direction tensors",
@@ -262,12 +452,9 @@ def read_gguf(
 
     metadata: dict[str, Any] = {}
     if isinstance(fasteer_meta, str):
-        try:
-            metadata = json.loads(fasteer_meta)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: {KEY_FASTEER_METADATA} is not valid JSON") from None
+        metadata = loads_json(fasteer_meta, path, KEY_FASTEER_METADATA)
         if not isinstance(metadata, dict):
-            raise ValueError(f"{path}: {KEY_FASTEER_METADATA} is not a JSON object")
+            raise FileFormatError(path, KEY_FASTEER_METADATA, "is not a JSON object")
         metadata.pop("layers", None)
         metadata.pop("site", None)  # the file's directions are resid_post whatever they were before
     else:  # written by repeng, llama.cpp or another tool
@@ -277,8 +464,8 @@ def read_gguf(
         metadata["created"] = None  # the file does not say; don't stamp it with the load time
     try:
         vector = SteeringVector(directions, site="resid_post", metadata=metadata, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid control vector ({exc})") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FileFormatError(path, None, f"invalid control vector ({exc})") from None
 
     if names is not None and hint:
         if not _hint_matches(hint, names):

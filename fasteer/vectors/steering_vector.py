@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import PARSE_ERRORS, FileFormatError, load_safetensors, loads_json
+from .._files import SAFETENSORS_FLOAT_DTYPES as _FLOAT_DTYPES
 from .._files import atomic_write as _atomic_write
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
@@ -45,7 +47,10 @@ STANDARD_METADATA_KEYS = ("model_name", "model_type", "hidden_size", "method", "
 
 _FORMAT_NAME = "fasteer.steering_vector"
 _FORMAT_VERSION = "1"
-_TENSOR_NAME = re.compile(r"^(?:layer\.)?(\d+)$")
+# ASCII digits only (``\d`` would take "٣"), no leading zeros: "01" and "1" must not both name layer 1.
+_TENSOR_NAME = re.compile(r"^(?:layer\.)?(0|[1-9][0-9]{0,8})$", re.ASCII)
+# Tensor dtypes a vector file may hold (what the constructor accepts).
+_VECTOR_DTYPES = {**_FLOAT_DTYPES, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 _SAFETENSORS_SUFFIXES = (".safetensors", ".st")
 
 
@@ -159,16 +164,23 @@ class SteeringVector:
                 )
             checked[layer] = t
         # Convert only after every check passed: nothing is half-built on error.
-        self._directions = {
-            layer: t.to(dtype=dtype, copy=True).contiguous() for layer, t in sorted(checked.items())
-        }
+        converted = {layer: t.to(dtype=dtype, copy=True).contiguous() for layer, t in sorted(checked.items())}
+        for layer, t in converted.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"dtype: directions[{layer}] does not fit in {dtype} (values overflow to inf)"
+                )
+        self._directions = converted
         self._site = site
 
         meta = dict(metadata or {})
         for key in meta:
             if not isinstance(key, str):
                 raise TypeError(f"metadata: keys must be strings, got {key!r}")
-        if meta.get("hidden_size") is not None and int(meta["hidden_size"]) != width:
+        declared = meta.get("hidden_size")
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, numbers.Integral)):
+            raise ValueError(f"metadata['hidden_size']: expected an int, got {declared!r}")
+        if declared is not None and int(declared) != width:
             raise ValueError(
                 f"metadata['hidden_size']: says {meta['hidden_size']} but the directions have D={width}"
             )
@@ -410,6 +422,8 @@ class SteeringVector:
         ``expected_model`` (a model, a model name or a model type) only affects GGUF files,
         whose ``controlvector.model_hint`` is compared with it (a mismatch warns)."""
         path = Path(path)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         if not path.is_file():
             raise FileNotFoundError(f"path: no such file {str(path)!r}")
         with open(path, "rb") as f:
@@ -419,61 +433,65 @@ class SteeringVector:
 
             return read_gguf(path, expected_model=expected_model, dtype=dtype)
         if len(magic) < 8:
-            raise ValueError(f"{path}: file too short to be a safetensors or GGUF file ({len(magic)} bytes)")
-        return _load_safetensors(path, dtype)
+            raise FileFormatError(path, None, f"file too short to be a safetensors or GGUF file ({len(magic)} bytes)")
+        try:
+            return _load_safetensors(path, dtype)
+        except (FileFormatError, OSError, MemoryError):
+            raise
+        except PARSE_ERRORS as exc:  # a safety net: every malformed file gives one error type
+            raise as_file_error(path, exc) from None
+
+
+def as_file_error(path: Path, exc: BaseException) -> FileFormatError:
+    """``exc`` (raised while parsing ``path``) as a `FileFormatError` naming the file."""
+    text = str(exc)
+    if text.startswith(str(path)):
+        return FileFormatError(None, None, text)
+    return FileFormatError(path, None, f"{type(exc).__name__}: {text}" if not isinstance(exc, ValueError) else text)
 
 
 def _load_safetensors(path: Path, dtype: torch.dtype) -> SteeringVector:
-    from safetensors import safe_open
-
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
     if header_len <= 0 or header_len > path.stat().st_size - 8:
-        raise ValueError(
-            f"{path}: not a safetensors or GGUF file (bad header length {header_len} for a "
+        raise FileFormatError(
+            path, "header length",
+            f"not a safetensors or GGUF file (bad header length {header_len} for a "
             f"{path.stat().st_size}-byte file)"
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types; callers want one kind
-        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
+    header, tensors = load_safetensors(path, allowed_dtypes=_VECTOR_DTYPES)
 
     fmt = header.get("format", _FORMAT_NAME)
     if fmt != _FORMAT_NAME:
-        raise ValueError(f"{path}: safetensors header says format {fmt!r}, expected {_FORMAT_NAME!r}")
+        raise FileFormatError(path, "format", f"safetensors header says format {fmt!r}, expected {_FORMAT_NAME!r}")
     version = header.get("format_version", _FORMAT_VERSION)
     if version != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: steering-vector format version {version!r} is not supported "
+        raise FileFormatError(
+            path, "format_version", f"steering-vector format version {version!r} is not supported "
             f"(this fasteer reads version {_FORMAT_VERSION})"
         )
     directions = {}
     for name, t in tensors.items():
         m = _TENSOR_NAME.match(name)
         if m is None:
-            raise ValueError(
-                f"{path}: unexpected tensor {name!r}; a steering-vector file holds tensors named "
-                "'layer.<N>' (N = decoder-layer index)"
+            raise FileFormatError(
+                path, f"tensor {name!r}", "unexpected name; a steering-vector file holds tensors named "
+                "'layer.<N>' (N = decoder-layer index, ASCII digits, no leading zeros)"
             )
         layer = int(m.group(1))
         if layer in directions:
-            raise ValueError(f"{path}: layer {layer} stored twice")
+            raise FileFormatError(path, f"tensor {name!r}", f"layer {layer} stored twice")
         directions[layer] = t
     if not directions:
-        raise ValueError(f"{path}: the file holds no 'layer.<N>' tensors")
+        raise FileFormatError(path, None, "the file holds no 'layer.<N>' tensors")
     metadata = {}
     for key, raw in header.items():
         if key.startswith("meta."):
-            try:
-                metadata[key[len("meta."):]] = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON") from None
+            metadata[key[len("meta."):]] = loads_json(raw, path, f"metadata entry {key!r}")
     metadata.pop("layers", None)
     try:
         return SteeringVector(directions, site=header.get("site", "resid_post"), metadata=metadata, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid steering vector ({exc})") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FileFormatError(path, None, f"invalid steering vector ({exc})") from None
 
 

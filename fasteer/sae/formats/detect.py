@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..._files import PARSE_ERRORS, FileFormatError
 from ..sae import SAE
 from . import gemma_scope, saelens, sparsify
 from .hub import download, looks_like_hub_id, split_hub_id
@@ -154,10 +155,18 @@ def load_sae(
     if norm_scaling_factor is not None and fmt != "saelens":
         raise ValueError(f"norm_scaling_factor: only SAELens SAEs have one; {folder} is {fmt!r}")
     source = where or str(folder)
-    if fmt == "saelens":
-        return saelens.load_saelens(
-            folder, device=device, dtype=dtype, norm_scaling_factor=norm_scaling_factor, source=source
-        )
-    if fmt == "sparsify":
-        return sparsify.load_sparsify(folder, device=device, dtype=dtype, source=source)
-    return gemma_scope.load_gemma_scope(folder, device=device, dtype=dtype, where=where, source=source)
+    try:
+        if fmt == "saelens":
+            return saelens.load_saelens(
+                folder, device=device, dtype=dtype, norm_scaling_factor=norm_scaling_factor, source=source
+            )
+        if fmt == "sparsify":
+            return sparsify.load_sparsify(folder, device=device, dtype=dtype, source=source)
+        return gemma_scope.load_gemma_scope(folder, device=device, dtype=dtype, where=where, source=source)
+    except (FileFormatError, OSError, MemoryError):
+        raise
+    except PARSE_ERRORS as exc:
+        if type(exc) is ValueError:
+            raise  # an argument error (e.g. norm_scaling_factor), already named
+        # A safety net: the format modules name the field for every problem they know of.
+        raise FileFormatError(folder, None, f"malformed {fmt} SAE ({type(exc).__name__}: {exc})") from None

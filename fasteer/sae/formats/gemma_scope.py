@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ..sae import SAE
-from ._io import read_npz
+from ..._files import FileFormatError
+from ._io import build_sae, read_npz
 
 PARAMS_FILENAME = "params.npz"
 _TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -61,13 +62,21 @@ def load_gemma_scope(
     """Read ``directory/params.npz``; ``where`` (hub id + subfolder) helps find the site."""
     path = directory / PARAMS_FILENAME
     raw = read_npz(path)
-    arrays = {("W_" + name[2:] if name.startswith("w_") else name): t for name, t in raw.items()}
+    arrays: dict[str, Any] = {}
+    stored_as: dict[str, str] = {}
+    for name, t in raw.items():
+        canonical = "W_" + name[2:] if name.startswith("w_") else name
+        if canonical in arrays:  # W_enc and w_enc: which one is meant cannot be known
+            raise FileFormatError(
+                path, f"array {name!r}", f"names the same tensor as array {stored_as[canonical]!r} ({canonical})"
+            )
+        arrays[canonical], stored_as[canonical] = t, name
     missing = [name for name in _TENSORS if name not in arrays]
     if missing:
-        raise ValueError(f"{path}: missing arrays {missing} (found {sorted(raw)}); expected {list(_TENSORS)}")
+        raise FileFormatError(path, None, f"missing arrays {missing} (found {sorted(raw)}); expected {list(_TENSORS)}")
     unknown = sorted(set(arrays) - set(_TENSORS))
     if unknown:
-        raise ValueError(f"{path}: unexpected arrays {unknown}; a Gemma Scope SAE holds {list(_TENSORS)}")
+        raise FileFormatError(path, None, f"unexpected arrays {unknown}; a Gemma Scope SAE holds {list(_TENSORS)}")
 
     # The hub id (if any) and the full local path, where repository and folder names live.
     location = f"{where or ''}/{directory.resolve().as_posix()}"
@@ -97,7 +106,8 @@ def load_gemma_scope(
             hook_name = f"layer_{layer}"
 
     metadata = {"gemma_scope_kind": kind} if kind else {}
-    return SAE(
+    return build_sae(
+        path,
         arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
         activation="jumprelu",
         threshold=arrays["threshold"],

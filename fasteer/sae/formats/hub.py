@@ -57,8 +57,13 @@ def _sae_folders(repo_id: str, revision: str | None) -> list[str]:
 
 def download(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> Path:
     """Download the SAE files of ``repo_id`` (under ``subfolder``) and return the local folder."""
-    hub = _import_hub()
     sub = subfolder.strip("/") if subfolder else None
+    if sub and any(part in ("", ".", "..") or "\\" in part for part in sub.split("/")):
+        raise ValueError(
+            f"subfolder: {sub!r} must be a plain relative folder of the repository "
+            "(no '.', '..', empty parts or backslashes)"
+        )
+    hub = _import_hub()
     patterns = [f"{sub}/{name}" for name in SAE_FILES] if sub else list(SAE_FILES)
     if sub and "/" not in sub:
         patterns.append("config.json")  # a sparsify run config next to the hookpoint folders
@@ -73,6 +78,8 @@ def download(repo_id: str, subfolder: str | None = None, revision: str | None = 
             "If you are offline, download it first or pass a local path."
         ) from e
     folder = root / sub if sub else root
+    if not folder.resolve().is_relative_to(root.resolve()):  # a symlink out of the snapshot
+        raise ValueError(f"subfolder: {sub!r} resolves outside the downloaded snapshot of {repo_id!r}")
     if not any((folder / marker).is_file() for marker in _MARKERS):
         folders = _sae_folders(repo_id, revision)
         listing = (", ".join(folders[:20]) + (" ..." if len(folders) > 20 else "")) if folders else "none found"

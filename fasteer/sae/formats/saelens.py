@@ -49,7 +49,8 @@ from typing import Any
 import torch
 
 from ..sae import SAE
-from ._io import dtype_from_str, dtype_to_str, read_json, read_safetensors, write_json, write_safetensors
+from ..._files import FileFormatError
+from ._io import build_sae, dtype_from_str, dtype_to_str, read_json, read_safetensors, write_json, write_safetensors
 from .hooks import parse_hook_name
 
 CFG_FILENAME = "cfg.json"
@@ -86,7 +87,7 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 def _int_field(cfg_path: Path, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{cfg_path}: {name} must be an integer, got {value!r}")
+        raise FileFormatError(cfg_path, None, f"{name} must be an integer, got {value!r}")
     return value
 
 
@@ -94,12 +95,15 @@ def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, int | None]
     """(fasteer activation or 'gated', k) from either cfg layout."""
     arch = cfg.get("architecture") or "standard"
     act_fn = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
+    for name, value in (("architecture", arch), ("activation_fn_str", act_fn)):
+        if not isinstance(value, str):
+            raise FileFormatError(cfg_path, name, f"expected a string, got {value!r}")
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"{cfg_path}: activation_fn_kwargs must be an object, got {kwargs!r}")
+        raise FileFormatError(cfg_path, None, f"activation_fn_kwargs must be an object, got {kwargs!r}")
     if arch in _NOT_SAES:
-        raise ValueError(
-            f"{cfg_path}: architecture {arch!r} is not a sparse autoencoder of one residual site "
+        raise FileFormatError(
+            cfg_path, None, f"architecture {arch!r} is not a sparse autoencoder of one residual site "
             "(transcoders, crosscoders and temporal SAEs are not supported)"
         )
     if arch == "standard" and act_fn == "topk":  # pre-6 TopK (handle_pre_6_0_config)
@@ -107,23 +111,23 @@ def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, int | None]
     if arch == "topk":
         k = cfg.get("k", kwargs.get("k"))
         if k is None:
-            raise ValueError(f"{cfg_path}: a topk SAE needs k (cfg key 'k' or activation_fn_kwargs.k)")
+            raise FileFormatError(cfg_path, None, f"a topk SAE needs k (cfg key 'k' or activation_fn_kwargs.k)")
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         k = _int_field(cfg_path, "k", k)
         if kwargs.get("signed"):
-            raise ValueError(f"{cfg_path}: signed TopK (activation_fn_kwargs.signed=true) is not supported")
+            raise FileFormatError(cfg_path, None, f"signed TopK (activation_fn_kwargs.signed=true) is not supported")
         return "topk", k
     if arch in ("standard", "jumprelu", "gated"):
         # v6 drops activation_fn for these (always ReLU); pre-6 files may say tanh-relu.
         if act_fn not in ("relu",):
-            raise ValueError(
-                f"{cfg_path}: activation function {act_fn!r} is not supported; expected relu "
+            raise FileFormatError(
+                cfg_path, None, f"activation function {act_fn!r} is not supported; expected relu "
                 f"(or topk), architecture {arch!r}"
             )
         return {"standard": "relu", "jumprelu": "jumprelu", "gated": "gated"}[arch], None
-    raise ValueError(
-        f"{cfg_path}: unknown architecture {arch!r}; supported: standard, jumprelu, topk, gated "
+    raise FileFormatError(
+        cfg_path, None, f"unknown architecture {arch!r}; supported: standard, jumprelu, topk, gated "
         "(batchtopk SAEs are saved by SAELens as jumprelu for inference)"
     )
 
@@ -147,8 +151,8 @@ def _normalization(cfg: dict[str, Any], directory: Path, cfg_path: Path,
         if scaler.is_file():
             norm_scaling_factor = read_json(scaler).get("scaling_factor")
     if norm_scaling_factor is None:
-        raise ValueError(
-            f"{cfg_path}: normalize_activations='expected_average_only_in' but no scale was given: "
+        raise FileFormatError(
+            cfg_path, None, f"normalize_activations='expected_average_only_in' but no scale was given: "
             "the SAE expects inputs multiplied by s = sqrt(d_in) / E|x|. Pass norm_scaling_factor=s "
             "(SAELens lists it as norm_scaling_factor in pretrained_saes.yaml) or put "
             f"{SCALER_FILENAME} with {{\"scaling_factor\": s}} next to cfg.json"
@@ -158,7 +162,7 @@ def _normalization(cfg: dict[str, Any], directory: Path, cfg_path: Path,
 
 def _take(tensors: dict[str, torch.Tensor], name: str, weights_path: Path) -> torch.Tensor:
     if name not in tensors:
-        raise ValueError(f"{weights_path}: missing tensor {name!r} (found {sorted(tensors)})")
+        raise FileFormatError(weights_path, None, f"missing tensor {name!r} (found {sorted(tensors)})")
     return tensors[name]
 
 
@@ -184,33 +188,36 @@ def load_saelens(
 
     unknown = sorted(set(tensors) - _KNOWN_TENSORS)
     if unknown:
-        raise ValueError(
-            f"{weights_path}: unexpected tensors {unknown}; an SAELens SAE holds "
+        raise FileFormatError(
+            weights_path, None, f"unexpected tensors {unknown}; an SAELens SAE holds "
             "W_enc, b_enc, W_dec, b_dec (+ threshold); ignoring them could change the math"
         )
     activation, k = _architecture(cfg, cfg_path)
     for key in ("d_in", "d_sae"):
         if key not in cfg:
-            raise ValueError(f"{cfg_path}: missing required key {key!r}")
+            raise FileFormatError(cfg_path, None, f"missing required key {key!r}")
     d_in = _int_field(cfg_path, "d_in", cfg["d_in"])
     d_sae = _int_field(cfg_path, "d_sae", cfg["d_sae"])
 
     # SAELens casts every tensor to cfg["dtype"] on load; do the same unless told otherwise.
     file_dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
-    target_dtype = dtype or (dtype_from_str(cfg["dtype"], f"{cfg_path}: dtype") if cfg.get("dtype") else file_dtype)
+    try:
+        target_dtype = dtype or (dtype_from_str(cfg["dtype"], "dtype") if cfg.get("dtype") else file_dtype)
+    except ValueError as exc:
+        raise FileFormatError(cfg_path, None, str(exc)) from None
 
     W_enc = _take(tensors, "W_enc", weights_path)
     W_dec = _take(tensors, "W_dec", weights_path)
     b_dec = _take(tensors, "b_dec", weights_path)
     if list(W_enc.shape) != [d_in, d_sae]:
         hint = " (stored transposed?)" if list(W_enc.shape) == [d_sae, d_in] else ""
-        raise ValueError(
-            f"{weights_path}: W_enc has shape {list(W_enc.shape)} but {cfg_path.name} says "
+        raise FileFormatError(
+            weights_path, None, f"W_enc has shape {list(W_enc.shape)} but {cfg_path.name} says "
             f"d_in={d_in}, d_sae={d_sae}; expected [d_in, d_sae] = [{d_in}, {d_sae}]{hint}"
         )
     if list(W_dec.shape) != [d_sae, d_in]:
-        raise ValueError(
-            f"{weights_path}: W_dec has shape {list(W_dec.shape)}; expected [d_sae, d_in] = [{d_sae}, {d_in}]"
+        raise FileFormatError(
+            weights_path, None, f"W_dec has shape {list(W_dec.shape)}; expected [d_sae, d_in] = [{d_sae}, {d_in}]"
         )
 
     # Decoder-side scaling of pre-6 fine-tuned SAEs: z * f before W_dec  ->  fold into W_dec rows.
@@ -218,12 +225,12 @@ def load_saelens(
         if name in tensors:
             factor = _f64(tensors[name])
             if list(factor.shape) != [d_sae]:
-                raise ValueError(f"{weights_path}: {name} has shape {list(factor.shape)}; expected [{d_sae}]")
+                raise FileFormatError(weights_path, None, f"{name} has shape {list(factor.shape)}; expected [{d_sae}]")
             if bool((factor == 1).all()):
                 continue  # SAELens drops an all-ones factor
             if name == "scaling_factor" and not cfg.get("finetuning_scaling_factor"):
-                raise ValueError(  # SAELens' read_sae_components_from_disk refuses this too
-                    f"{weights_path}: has a scaling_factor tensor but {cfg_path.name} says "
+                raise FileFormatError(  # SAELens' read_sae_components_from_disk refuses this too
+                    weights_path, None, f"has a scaling_factor tensor but {cfg_path.name} says "
                     "finetuning_scaling_factor is false"
                 )
             W_dec = _f64(W_dec) * factor[:, None]
@@ -235,7 +242,7 @@ def load_saelens(
         r_mag = _f64(_take(tensors, "r_mag", weights_path))
         for name, t in (("b_gate", b_gate), ("b_mag", b_mag), ("r_mag", r_mag)):
             if list(t.shape) != [d_sae]:
-                raise ValueError(f"{weights_path}: {name} has shape {list(t.shape)}; expected [{d_sae}]")
+                raise FileFormatError(weights_path, None, f"{name} has shape {list(t.shape)}; expected [{d_sae}]")
         scale = torch.exp(r_mag)
         W_enc = _f64(W_enc) * scale
         b_enc = b_mag
@@ -249,7 +256,7 @@ def load_saelens(
             elif "log_threshold" in tensors:
                 threshold = torch.exp(_f64(tensors["log_threshold"]))
             else:
-                raise ValueError(f"{weights_path}: a jumprelu SAE needs a 'threshold' (or 'log_threshold') tensor")
+                raise FileFormatError(weights_path, None, f"a jumprelu SAE needs a 'threshold' (or 'log_threshold') tensor")
         elif activation == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
             # pre * |W_dec[k]| before topk, z / |W_dec[k]| before W_dec  ==  folded weights.
             W_dec = _f64(W_dec)
@@ -259,11 +266,16 @@ def load_saelens(
     normalize, scale_s = _normalization(cfg, directory, cfg_path, norm_scaling_factor)
 
     hook_name = _get(cfg, "hook_name", "hook_point") or None  # fasteer writes "" for unknown
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise FileFormatError(cfg_path, "hook_name", f"expected a string, got {hook_name!r}")
+    model_name = _get(cfg, "model_name") or None
+    if model_name is not None and not isinstance(model_name, str):
+        raise FileFormatError(cfg_path, "model_name", f"expected a string, got {model_name!r}")
     layer, site = parse_hook_name(hook_name)
     hook_layer = _get(cfg, "hook_layer", "hook_point_layer")
     if isinstance(hook_layer, int) and not isinstance(hook_layer, bool):
         if layer is not None and layer != hook_layer:
-            raise ValueError(f"{cfg_path}: hook_layer={hook_layer} contradicts hook_name={hook_name!r}")
+            raise FileFormatError(cfg_path, None, f"hook_layer={hook_layer} contradicts hook_name={hook_name!r}")
         layer = hook_layer
     head = _get(cfg, "hook_head_index", "hook_point_head_index")
     if head is not None or cfg.get("reshape_activations") == "hook_z":
@@ -271,7 +283,7 @@ def load_saelens(
 
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)  # SAELens' default
     if not isinstance(apply_b_dec, bool):
-        raise ValueError(f"{cfg_path}: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}")
+        raise FileFormatError(cfg_path, None, f"apply_b_dec_to_input must be true or false, got {apply_b_dec!r}")
 
     # A folder fasteer wrote carries its own record (site, source, metadata): use it verbatim so
     # save -> load is exact; everything else comes from SAELens' keys.
@@ -289,7 +301,8 @@ def load_saelens(
                 metadata[key] = value
         source_format = "saelens"
 
-    return SAE(
+    return build_sae(
+        cfg_path,
         W_enc.to(target_dtype), b_enc.to(target_dtype), W_dec.to(target_dtype), b_dec.to(target_dtype),
         activation=activation,
         threshold=threshold.to(target_dtype) if threshold is not None else None,
@@ -297,7 +310,7 @@ def load_saelens(
         apply_b_dec_to_input=apply_b_dec,
         normalize_activations=normalize,
         norm_scaling_factor=scale_s,
-        model_name=_get(cfg, "model_name") or None,
+        model_name=model_name,
         hook_name=hook_name,
         layer=layer,
         site=site,
@@ -351,7 +364,7 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
         "context_size": meta.get("context_size"),
         "prepend_bos": meta.get("prepend_bos", True),
         "dataset_path": meta.get("dataset_path", ""),
-        "dataset_trust_remote_code": True,
+        "dataset_trust_remote_code": False,  # never ask a reader to run a dataset's code
         "sae_lens_training_version": meta.get("sae_lens_training_version"),
         "neuronpedia_id": meta.get("neuronpedia_id"),
         "model_from_pretrained_kwargs": meta.get("model_from_pretrained_kwargs", {}),

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from ..sae import SAE
-from ._io import read_json, read_safetensors
+from ..._files import FileFormatError
+from ._io import build_sae, read_json, read_safetensors
 from .hooks import parse_hook_name
 
 CFG_FILENAME = "cfg.json"
@@ -53,7 +54,7 @@ _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 def _int(cfg_path: Path, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{cfg_path}: {name} must be an integer, got {value!r}")
+        raise FileFormatError(cfg_path, None, f"{name} must be an integer, got {value!r}")
     return value
 
 
@@ -71,16 +72,16 @@ def load_sparsify(
     cfg = {**_DEFAULTS, **{key: raw_cfg[key] for key in _DEFAULTS if key in raw_cfg}}
 
     if "d_in" not in raw_cfg:
-        raise ValueError(f"{cfg_path}: missing required key 'd_in'")
+        raise FileFormatError(cfg_path, None, f"missing required key 'd_in'")
     d_in = _int(cfg_path, "d_in", raw_cfg["d_in"])
     if cfg["transcode"]:
-        raise ValueError(f"{cfg_path}: transcode=true: a transcoder, not an autoencoder; not supported")
+        raise FileFormatError(cfg_path, None, f"transcode=true: a transcoder, not an autoencoder; not supported")
     if cfg["skip_connection"]:
-        raise ValueError(f"{cfg_path}: skip_connection=true (a dense W_skip term) is not supported")
+        raise FileFormatError(cfg_path, None, f"skip_connection=true (a dense W_skip term) is not supported")
     if cfg["activation"] != "topk":
-        raise ValueError(f"{cfg_path}: activation {cfg['activation']!r} is not supported; expected 'topk'")
+        raise FileFormatError(cfg_path, None, f"activation {cfg['activation']!r} is not supported; expected 'topk'")
     if raw_cfg.get("signed"):
-        raise ValueError(f"{cfg_path}: signed=true (TopK on |pre|) is not supported")
+        raise FileFormatError(cfg_path, None, f"signed=true (TopK on |pre|) is not supported")
     k = _int(cfg_path, "k", cfg["k"])
     num_latents = _int(cfg_path, "num_latents", cfg["num_latents"])
     d_sae = num_latents or d_in * _int(cfg_path, "expansion_factor", cfg["expansion_factor"])
@@ -88,15 +89,15 @@ def load_sparsify(
     tensors = read_safetensors(weights_path)
     missing = [name for name in _TENSORS if name not in tensors]
     if missing:
-        raise ValueError(f"{weights_path}: missing tensors {missing} (found {sorted(tensors)})")
+        raise FileFormatError(weights_path, None, f"missing tensors {missing} (found {sorted(tensors)})")
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
-        raise ValueError(f"{weights_path}: unexpected tensors {unknown}; expected {list(_TENSORS)}")
+        raise FileFormatError(weights_path, None, f"unexpected tensors {unknown}; expected {list(_TENSORS)}")
     enc_w = tensors["encoder.weight"]
     if list(enc_w.shape) != [d_sae, d_in]:
         hint = " (stored transposed?)" if list(enc_w.shape) == [d_in, d_sae] else ""
-        raise ValueError(
-            f"{weights_path}: encoder.weight has shape {list(enc_w.shape)} but {cfg_path.name} gives "
+        raise FileFormatError(
+            weights_path, None, f"encoder.weight has shape {list(enc_w.shape)} but {cfg_path.name} gives "
             f"d_in={d_in}, num_latents={d_sae}; expected nn.Linear's [num_latents, d_in] = [{d_sae}, {d_in}]{hint}"
         )
     # sparsify builds the module in the dtype of the file's first tensor.
@@ -112,7 +113,8 @@ def load_sparsify(
         except ValueError:
             model_name = None  # the run config is informative only
     metadata = {key: cfg[key] for key in ("k", "multi_topk", "normalize_decoder")}
-    return SAE(
+    return build_sae(
+        weights_path,
         enc_w.T, tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"],
         activation="topk",
         k=k,
