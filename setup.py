@@ -11,8 +11,10 @@ Environment:
                       failed CUDA build then prints one notice and the install goes on
                       CPU-only. 1: required (fail without nvcc). 0: never.
   FASTEER_CUDA_ARCHS  SM list, default "8.0;8.9;9.0" (PTX of the highest is embedded too).
-  FASTEER_CPU_ARCH    -march value for the C++ kernels, default "native" (the
-                      extension is built on the machine that runs it).
+  FASTEER_CPU_ARCH    -march value for the C++ kernels, default "x86-64-v2" on x86-64
+                      (a portable baseline: a wheel or image built here runs on any
+                      x86-64-v2 CPU; the row loop picks AVX2 / AVX-512 code at run time),
+                      none elsewhere. "native" ties the build to this CPU.
   FASTEER_PTXAS_VERBOSE=1  pass -Xptxas -v (register / spill report per kernel).
   MAX_JOBS            ninja parallelism (default: number of CPUs).
 """
@@ -160,9 +162,13 @@ class NinjaBuildExt(build_ext):
         import pybind11
         includes = [str(CSRC), py_inc, pybind11.get_include()]
         inc = " ".join(f"-I{shlex.quote(i)}" for i in includes)
-        march = os.environ.get("FASTEER_CPU_ARCH", "native")
+        import platform
+        default_arch = "x86-64-v2" if platform.machine().lower() in ("x86_64", "amd64") else ""
+        march = os.environ.get("FASTEER_CPU_ARCH", default_arch).strip()
+        arch_flags = (f"-march={shlex.quote(march)} "
+                      f"-DFASTEER_CPU_ARCH_NAME=\\\"{march}\\\"" if march else "")
         cxxflags = (f"-O3 -std=c++17 -fPIC -fvisibility=hidden -fopenmp-simd -ffp-contract=off "
-                    f"-march={shlex.quote(march)} -Wall -Wno-unknown-pragmas")
+                    f"{arch_flags} -Wall -Wno-unknown-pragmas")
         lines = [
             "ninja_required_version = 1.3",
             f"cxx = {os.environ.get('CXX', 'c++')}",

@@ -47,7 +47,7 @@ def bench_size(rows: int, d: int, dtype, rounds: int):
 
     def fused(backend, tabs):
         def fn():
-            ops.steer_norm_(h, out, slot, gate, *tabs, weight, backend=backend, validate=False)
+            ops._steer_norm_fast_(h, out, slot, gate, *tabs, weight, backend=backend)
         return fn
 
     def hf():

@@ -89,16 +89,14 @@ def bench_size(rows: int, d: int, f: int, k: int, rounds: int):
     def replace(backend):
         def fn():
             work.copy_(h)
-            ops.sae_replace_(work, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat,
-                             edit_code, edit_val, keep, activation=w.activation,
-                             apply_b_dec_to_input=w.apply_b_dec, backend=backend,
-                             validate_inputs=False)
+            ops._sae_replace_fast_(work, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold,
+                                   edit_feat, edit_code, edit_val, keep, activation=w.activation,
+                                   apply_b_dec_to_input=w.apply_b_dec, backend=backend)
         return fn
 
     def fused():
         work.copy_(h)
-        ops.steer_norm_(work, out, slot, gate, meta, params, bank, weight, backend="cpu",
-                        validate=False)
+        ops._steer_norm_fast_(work, out, slot, gate, meta, params, bank, weight, backend="cpu")
 
     # checked before timing: every candidate's edited rows equal the float64 result
     s64 = sae.to(dtype=torch.float64)

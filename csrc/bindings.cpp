@@ -25,13 +25,10 @@ std::string build_info() {
 #elif defined(__GNUC__)
   s += " gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__);
 #endif
-#if defined(__AVX512F__)
-  s += ", avx512";
-#elif defined(__AVX2__)
-  s += ", avx2";
-#elif defined(__SSE4_2__)
-  s += ", sse4.2";
+#if defined(FASTEER_CPU_ARCH_NAME)
+  s += std::string(", built for -march=") + FASTEER_CPU_ARCH_NAME;
 #endif
+  s += std::string(", runs the ") + isa_name(active_isa()) + " path";
 #if defined(FASTEER_HOST_FLOAT16)
   s += ", _Float16";
 #endif
@@ -63,6 +60,8 @@ PYBIND11_MODULE(_C, m) {
       "`addend` (rows of h's dtype, row stride `addend_stride`) is added to h first, every "
       "row (fasteer.ops.add_steer_norm_).");
   m.def("build_info", &build_info);
+  m.def("isa", [] { return std::string(isa_name(active_isa())); },
+        "The ISA path the CPU kernels run: baseline, avx2 or avx512 (FASTEER_CPU_ISA caps it).");
   m.def("layout_constants", [] {
     return std::map<std::string, int64_t>{
         {"NONE", kNone}, {"ADD", kAdd}, {"CLAMP", kClamp}, {"ABLATE", kAblate},

@@ -13,6 +13,12 @@ A vector argument is a tensor ``[D]`` (the same vector at every listed layer), a
 to the vector's own layers and ``site=`` to the vector's site (else ``"resid_post"``).
 Directions of ``Clamp``/``Ablate`` are normalised here, on the host, so the kernels
 read unit vectors.
+
+Magnitudes are bounded: an edit that moves the stream by more than ``MAX_MAGNITUDE``
+(1e15) -- ``|alpha| * max|v|`` for ``Add``, ``|value|`` for ``Clamp``, ``|factor|`` for
+``Scale`` -- is refused when built, because the model's own float32 norm of such a row
+overflows (non-finite logits); half-precision models overflow far earlier (float16 at
+65504), which is not checked. A ``Cosine`` condition's vector must be non-zero.
 """
 from __future__ import annotations
 
@@ -32,6 +38,17 @@ __all__ = ["Intervention", "Add", "Clamp", "Ablate", "Scale", "Condition", "Cosi
 
 
 # --------------------------------------------------------------------------- argument checks
+
+# Largest edit size accepted (see the module docstring): past it the squared norm of an
+# edited row overflows float32 for hidden sizes up to 65536 (sqrt(3.4e38 / 65536) ~ 7e16).
+MAX_MAGNITUDE = 1e15
+
+
+def _check_magnitude(size: float, name: str, what: str) -> None:
+    if not size <= MAX_MAGNITUDE:
+        raise ValueError(f"{name}: {what} is {size:.3g}, beyond the {MAX_MAGNITUDE:.0e} fasteer "
+                         "accepts (the model's norm of the edited row would overflow float32)")
+
 
 def _as_vector(value, name: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
@@ -187,6 +204,14 @@ class Condition:
         self.vector = _Vectors(vector, "when.vector")
         self.threshold = _as_number(threshold, "when.threshold")
         self.bias = _as_number(bias, "when.bias")
+        if self.kind == L.COND_COSINE:
+            vectors = ([self.vector.single] if self.vector.single is not None else
+                       list(self.vector.per_layer.values()))
+            for v in vectors:
+                if not float((v * v).sum()) > 0:      # float32, as the kernels compute it
+                    raise ValueError("when.vector: a Cosine condition's vector is zero (or too "
+                                     "small to normalise in float32); the cosine with a zero "
+                                     "vector is undefined")
         if not isinstance(below, bool):
             raise TypeError(f"when.below: expected a bool, got {type(below).__name__}")
         self.below = below
@@ -280,7 +305,12 @@ class Add(Intervention):
     def __init__(self, vector, alpha=1.0, *, layers=None, site=None, positions="all", when=None,
                  preserve_norm: bool = False):
         self.alpha = _as_number(alpha, "alpha")
-        super().__init__(vectors=_Vectors(vector, "vector"), layers=layers, site=site,
+        vectors = _Vectors(vector, "vector")
+        largest = max(float(v.abs().max()) for v in
+                      ([vectors.single] if vectors.single is not None else
+                       vectors.per_layer.values()))
+        _check_magnitude(abs(self.alpha) * largest, "alpha", "|alpha| * max|vector|")
+        super().__init__(vectors=vectors, layers=layers, site=site,
                          positions=positions, when=when, preserve_norm=preserve_norm)
 
     def _edit(self, layer, ctx):
@@ -327,8 +357,11 @@ class Clamp(Intervention):
             value_name = "value"
         if isinstance(value, Mapping):
             self.value = _as_layer_values(value, value_name)
+            for layer, c in self.value.items():
+                _check_magnitude(abs(c), f"{value_name}[{layer}]", "|value|")
         else:
             self.value = _as_number(value, value_name)
+            _check_magnitude(abs(self.value), value_name, "|value|")
         super().__init__(vectors=_Vectors(direction, "direction"), layers=layers, site=site,
                          positions=positions, when=when, preserve_norm=preserve_norm)
         if isinstance(self.value, dict) and self.layers is not None:
@@ -371,6 +404,7 @@ class Scale(Intervention):
     def __init__(self, factor, *, layers=None, site=None, positions="all", when=None,
                  preserve_norm: bool = False):
         self.factor = _as_number(factor, "factor")
+        _check_magnitude(abs(self.factor), "factor", "|factor|")
         super().__init__(vectors=None, layers=layers, site=site, positions=positions, when=when,
                          preserve_norm=preserve_norm)
 

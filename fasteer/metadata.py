@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 import torch
 
@@ -58,6 +59,75 @@ from .plan import CLASS_GENERATED, CLASS_LAST_PROMPT, CLASS_PROMPT, N_CLASSES
 PHASE_PROMPT, PHASE_GENERATED, PHASE_MIXED, PHASE_OFF = 0, 1, 2, 3
 
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+
+
+class ForwardGuard:
+    """One thread at a time per patched model.
+
+    The per-forward state (`TokenState`, the `GenerationTracker`) lives on the `Steerer`,
+    not on the thread, so two threads running forwards of one patched model at once would
+    read each other's slots. The guard refuses that instead: the metadata pre-hook takes it
+    (non-blocking) for the duration of each forward of the base model and the forward hook
+    (``always_call=True``: also when the forward raises) gives it back; ``generate``,
+    ``Steerer.decoding`` and ``Steerer.set``/``clear``/``unpatch`` hold it for their whole
+    duration. The same thread may take it again (``generate`` calls forward many times; a
+    streamer may call ``set`` between steps); another thread gets a RuntimeError, never a
+    wrong answer. Skipped inside a ``torch.compile`` trace (compiled graphs do not run it,
+    and neither does a CUDA graph replay).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._local = threading.local()   # forwards this thread entered (for `exit_forward`)
+
+    def enter(self, what: str) -> None:
+        me = threading.get_ident()
+        if self._owner == me:             # only this thread ever sets _owner to its own id
+            self._depth += 1
+            return
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"fasteer: this patched model is already running a forward in another thread; "
+                f"{what} was refused (one patched model runs one forward, generate call or "
+                "decoding loop at a time, and set/clear/unpatch wait for none of them). "
+                "Serialize the calls (e.g. one threading.Lock around generate and set), or "
+                "patch one copy of the model per thread")
+        self._owner, self._depth = me, 1
+
+    def exit(self) -> None:
+        if self._owner != threading.get_ident():
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def held(self, what: str):
+        self.enter(what)
+        try:
+            yield
+        finally:
+            self.exit()
+
+    def enter_forward(self) -> None:
+        self.enter("this forward")
+        self._local.forwards = getattr(self._local, "forwards", 0) + 1
+
+    def exit_forward(self) -> None:
+        """Give back what `enter_forward` took in this thread (nothing if it did not: the
+        pre-hook raised before taking it, or another thread holds the guard)."""
+        n = getattr(self._local, "forwards", 0)
+        if n > 0:
+            self._local.forwards = n - 1
+            self.exit()
+
+    @property
+    def busy_elsewhere(self) -> bool:
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident()
 
 
 class TokenState:
@@ -159,8 +229,9 @@ class GenerationTracker:
             self._publish(None if old < 0 else old)
 
 
-def wrap_generate(model, tracker: GenerationTracker):
-    """Return (install, remove) for a ``generate`` wrapper that tells `tracker` a call began."""
+def wrap_generate(model, tracker: GenerationTracker, guard: ForwardGuard | None = None):
+    """Return (install, remove) for a ``generate`` wrapper that tells `tracker` a call began
+    (holding ``guard`` for the whole call: the tracker is per model, not per thread)."""
     original = getattr(model, "generate", None)
     if not callable(original):
         return (lambda: None), (lambda: None)
@@ -168,8 +239,9 @@ def wrap_generate(model, tracker: GenerationTracker):
     previous = model.__dict__.get("generate")
 
     def generate(*args, **kwargs):
-        with tracker.generation(args, kwargs):
-            return original(*args, **kwargs)
+        with (guard.held("generate") if guard is not None else contextlib.nullcontext()):
+            with tracker.generation(args, kwargs):
+                return original(*args, **kwargs)
 
     generate.__doc__ = getattr(original, "__doc__", None)
     generate.__wrapped__ = original
@@ -208,6 +280,7 @@ class MetadataHook:
         self.always_armed = False
         self.routing = None       # `fasteer.routing.Routing`: read by the device path
         self.backend = None       # op backend for the carriers (None: FASTEER_BACKEND / auto)
+        self.guard = ForwardGuard()   # one thread at a time (see `ForwardGuard`)
         self._constants: dict = {}
         try:
             self.param_names = [p.name for p in inspect.signature(base.forward).parameters.values()
@@ -234,6 +307,10 @@ class MetadataHook:
         return None
 
     def __call__(self, module, args, kwargs):
+        if not torch.compiler.is_compiling():
+            # released by `finish` (a forward hook with always_call=True, so also when the
+            # forward, or this hook, raises)
+            self.guard.enter_forward()
         state, tracker, plan = self.state, self.tracker, self.plan
         ids = self._arg(args, kwargs, "input_ids")
         embeds = self._arg(args, kwargs, "inputs_embeds")
@@ -296,8 +373,15 @@ class MetadataHook:
         """Forward hook: the forward is over, drop its per-token tensors. Under
         torch.compile this also keeps them out of the graph's outputs (a compiled graph
         would otherwise return them to store in `TokenState`, and with CUDA-graph trees
-        they would point into the graph's memory pool)."""
+        they would point into the graph's memory pool). Registered with always_call=True:
+        it also gives back the thread guard when the forward raised."""
+        if torch.compiler.is_compiling():
+            self.state.set(PHASE_OFF)
+            return
+        if self.guard.busy_elsewhere:
+            return       # this forward was refused: the state is the other thread's
         self.state.set(PHASE_OFF)
+        self.guard.exit_forward()
 
     def _protect_embeds(self, plan, args, kwargs, ids, embeds):
         """The carrier at resid_pre[0] edits the embeddings in place; never a caller's tensor

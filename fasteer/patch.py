@@ -35,6 +35,18 @@ Patching twice is an error (never double steering); `Steerer.unpatch` restores e
 forward, hook and the ``generate`` attribute, leaving a model that computes bit for bit
 what it computed before.
 
+Threads: the per-forward state (each token's slot, where the prompt ends) belongs to the
+patched model, so one patched model runs one forward, ``generate`` call or ``decoding``
+loop at a time (`fasteer.metadata.ForwardGuard`). Another thread that calls it meanwhile
+-- or calls ``set``/``set_many``/``clear``/``unpatch`` -- gets ``RuntimeError("fasteer:
+this patched model is already running a forward in another thread; ...")`` at once (no
+waiting, never a wrong answer); the thread running it may nest calls (``generate``'s
+forwards, ``set`` from a streamer). Servers serialize calls with their own lock or patch
+one copy of the model per thread. Compiled graphs and CUDA graph replays do not run the
+check (it is skipped while tracing). Hidden states must be float32, bfloat16 or float16:
+a model converted to another dtype after patching raises a TypeError at the first
+carrier. ``rows=`` names batch rows 0 .. 2**20 - 1 (`MAX_ROW`).
+
 Compiled and captured forwards
 ------------------------------
 Patch first, then compile or capture: the carriers and the metadata hook are traced
@@ -75,6 +87,7 @@ into the graph (Dynamo does not guard on hooks added later).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable
 
@@ -86,6 +99,7 @@ from .metadata import (PHASE_OFF, DevicePlan, GenerationTracker, MetadataHook, T
                        wrap_generate)
 from .ops import layout as L
 from .ops import dispatch
+from .ops.steer_norm import _DTYPES
 from .plan import LoweringContext, Request, SlotTables, compile_plan
 from .routing import Routing, _mark_static
 from .sae.carrier import sync_sae_stages
@@ -143,6 +157,12 @@ class _Carrier:
             self.installed = False
 
     def _tokens(self, h: torch.Tensor):
+        if h.dtype not in _DTYPES:
+            # checked here, before any op: the backends have kernels for these dtypes only
+            raise TypeError(f"fasteer: the hidden state at {self.point.key} is {h.dtype}, but "
+                            f"fasteer's carriers support {', '.join(map(str, _DTYPES))} (was "
+                            "the model converted, e.g. model.to(torch.float64), after "
+                            "fasteer.patch? convert it to a supported dtype)")
         if h.device != self.device:
             # the kernels take raw pointers: never hand them tensors from two devices
             raise RuntimeError(f"fasteer: the hidden state at {self.point.key} is on {h.device} "
@@ -160,16 +180,15 @@ class _Carrier:
         t = self.tables
         slot, gate = self._tokens(h)
         if torch.is_grad_enabled() and h.requires_grad:
-            h_new, _ = ops.steer_norm(h.clone(), slot, gate, t.meta, t.params, t.bank,
-                                      norm_kind=L.NORM_NONE, validate=False)
+            h_new, _ = ops._steer_norm_fast(h.clone(), slot, gate, t.meta, t.params, t.bank,
+                                            norm_kind=L.NORM_NONE)
             h.copy_(h_new)
         elif h.is_contiguous():
-            ops.steer_(h, slot, gate, t.meta, t.params, t.bank, backend=self.state.backend,
-                       validate=False)
+            ops._steer_fast_(h, slot, gate, t.meta, t.params, t.bank, backend=self.state.backend)
         else:
             tmp = h.contiguous()
-            ops.steer_(tmp, slot, gate, t.meta, t.params, t.bank, backend=self.state.backend,
-                       validate=False)
+            ops._steer_fast_(tmp, slot, gate, t.meta, t.params, t.bank,
+                             backend=self.state.backend)
             h.copy_(tmp)
 
     def sae_(self, h: torch.Tensor) -> None:
@@ -225,10 +244,11 @@ class _NormCarrier(_Carrier):
         slot, gate = self._tokens(h)
         t = self.tables
         out = torch.empty_like(h)
-        ops.steer_norm_(h, out, slot, gate, t.meta, t.params, t.bank, self.weight, self.bias,
-                        norm_kind=self.norm_kind, eps=self.eps, weight_offset=self.offset,
-                        cast_before_weight=self.cast_before_weight, backend=self.state.backend,
-                        validate=False)
+        ops._steer_norm_fast_(h, out, slot, gate, t.meta, t.params, t.bank, self.weight,
+                              self.bias, norm_kind=self.norm_kind, eps=self.eps,
+                              weight_offset=self.offset,
+                              cast_before_weight=self.cast_before_weight,
+                              backend=self.state.backend)
         return out
 
 
@@ -292,6 +312,11 @@ def _site_points(sites: ModelSites, names) -> set:
     return keys
 
 
+# The largest batch row index ``rows=`` may name (checked before anything is allocated:
+# the routing table holds one entry per row up to the largest one named).
+MAX_ROW = 2 ** 20 - 1
+
+
 def _as_rows(rows) -> tuple[int, ...] | None:
     if rows is None:
         return None
@@ -311,6 +336,9 @@ def _as_rows(rows) -> tuple[int, ...] | None:
             raise TypeError(f"rows: expected ints, got {r!r}")
         if r < 0:
             raise ValueError(f"rows: expected row indices >= 0, got {r}")
+        if r > MAX_ROW:
+            raise ValueError(f"rows: expected batch row indices <= {MAX_ROW} (2**20 - 1), "
+                             f"got {r}")
         out.append(r)
     if not out:
         raise ValueError("rows: expected at least one row (None means every row)")
@@ -382,13 +410,17 @@ class Steerer:
         self.tracker.attach(self._device)
         if always_armed:
             _mark_static(self.tracker.device_prompt_len)
-        self._install_generate, self._remove_generate = wrap_generate(model, self.tracker)
+        self._guard = self.metadata.guard
+        self._install_generate, self._remove_generate = wrap_generate(model, self.tracker,
+                                                                      self._guard)
         # install: nothing above touched the model (carriers install when armed)
         for c in self.carriers.values():
             c.set_armed(False, False, always_armed)
         self._meta_handle = self.sites.base.register_forward_pre_hook(self.metadata,
                                                                       with_kwargs=True)
-        self._meta_done = self.sites.base.register_forward_hook(self.metadata.finish)
+        # always_call: the hook also runs when the forward raises (it gives back the guard)
+        self._meta_done = self.sites.base.register_forward_hook(self.metadata.finish,
+                                                                always_call=True)
         self._install_generate()
         _PATCHED[self.sites.layers] = self
         self._patched = True
@@ -415,6 +447,11 @@ class Steerer:
         order, planned and written once (a sweep over many rows in one call).
         ``interventions`` is one intervention or a list of them."""
         self._check_patched()
+        with self._guard.held("set"):
+            self._set_many(assignments)
+        return self
+
+    def _set_many(self, assignments) -> None:
         requests = list(self._requests)
         for pair in assignments:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -424,7 +461,6 @@ class Steerer:
             requests = self._assign(requests, _flatten(ivs if isinstance(ivs, (list, tuple))
                                                        else (ivs,)), _as_rows(rows))
         self._commit(requests)
-        return self
 
     @staticmethod
     def _assign(requests: list[Request], ivs: tuple, rows) -> list[Request]:
@@ -465,18 +501,28 @@ class Steerer:
         caches, not allowed while capturing a CUDA graph)."""
         if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
             raise ValueError(f"prompt_len: expected a positive int, got {prompt_len!r}")
-        return self.tracker.decoding(prompt_len)
+        return self._decoding(prompt_len)
+
+    @contextlib.contextmanager
+    def _decoding(self, prompt_len: int):
+        with self._guard.held("decoding"), self.tracker.decoding(prompt_len):
+            yield
 
     def clear(self) -> "Steerer":
         """Remove all steering (the carriers stay installed; outputs are the model's own)."""
         self._check_patched()
-        self._commit([])
+        with self._guard.held("clear"):
+            self._commit([])
         return self
 
     def unpatch(self) -> None:
         """Restore the model exactly as it was (idempotent)."""
         if not self._patched:
             return
+        with self._guard.held("unpatch"):
+            self._unpatch()
+
+    def _unpatch(self) -> None:
         errors = []
         for c in self.carriers.values():
             try:
@@ -616,6 +662,13 @@ def patch(model: nn.Module, slots: int | None = None, sites=None, *,
     does not fit raises instead (see "Compiled and captured forwards" above).
     ``backend``: op backend for the carriers ("reference", "cpu", "triton", "cuda";
     default: ``FASTEER_BACKEND`` or automatic); also settable as ``st.backend``.
+
+    One thread at a time: while a forward, ``generate`` call or ``st.decoding`` loop of the
+    patched model runs, a forward, ``generate``, ``set``, ``clear`` or ``unpatch`` from
+    another thread raises ``RuntimeError("fasteer: this patched model is already running a
+    forward in another thread; ...")`` (serialize the calls, or patch one model copy per
+    thread). The model must stay in float32, bfloat16 or float16 (a forward after
+    ``model.to(torch.float64)`` raises a TypeError naming the dtype).
     """
     return Steerer(model, slots=slots, sites=sites, always_armed=always_armed, edits=edits,
                    vectors=vectors, backend=backend)

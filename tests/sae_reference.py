@@ -85,10 +85,11 @@ class SAERef:
         return full_reference(self.sae, h, self.edits, self.keep_error)
 
 
-def feature_pair(sae, feature, op, value, hi=None, *, layers=None, site=None, positions="all"):
+def feature_pair(sae, feature, op, value, hi=None, *, layers=None, site=None, positions="all",
+                 allow_other_site=False):
     """(fs.FeatureEdit, SAERef) for the same edit."""
     iv = fs.FeatureEdit(sae, feature, op, value, hi, layers=layers, site=site,
-                        positions=positions)
+                        positions=positions, allow_other_site=allow_other_site)
     feats = [feature] if isinstance(feature, int) else list(feature)
     vals = iv.values
     his = iv.his if op == "clamp" else [None] * len(feats)
@@ -96,10 +97,11 @@ def feature_pair(sae, feature, op, value, hi=None, *, layers=None, site=None, po
     return iv, SAERef(sae, edits, list(iv.layers), iv.site, True, positions)
 
 
-def replace_pair(sae, edits, *, keep_error=True, layers=None, site=None, positions="all"):
+def replace_pair(sae, edits, *, keep_error=True, layers=None, site=None, positions="all",
+                 allow_other_site=False):
     """(fs.SAEReplace, SAERef); ``edits`` as (feature, op, value[, hi]) tuples."""
     iv = fs.SAEReplace(sae, edits, keep_error=keep_error, layers=layers, site=site,
-                       positions=positions)
+                       positions=positions, allow_other_site=allow_other_site)
     items = [(f, "set", v) for f, v in edits.items()] if isinstance(edits, dict) else edits
     ref_edits = [(e[0], e[1], e[2], e[3] if len(e) == 4 else None) for e in items]
     return iv, SAERef(sae, ref_edits, list(iv.layers), iv.site, keep_error, positions)

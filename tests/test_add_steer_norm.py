@@ -478,9 +478,8 @@ def test_compile_fullgraph_one_opaque_op_and_alpha_reuses_the_graph(backend_name
 
     def step(h, x, out, slot, gate, meta, params, bank, weight):
         # what a vLLM-style host does: residual add + steer + norm, then the next layer
-        ops.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight,
-                            norm_kind=L.NORM_RMS, eps=1e-5, backend=backend_name,
-                            validate=False)
+        ops._add_steer_norm_fast_(h, x, out, slot, gate, meta, params, bank, weight,
+                                  norm_kind=L.NORM_RMS, eps=1e-5, backend=backend_name)
         return out * 2
 
     torch._dynamo.reset()

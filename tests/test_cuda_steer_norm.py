@@ -169,9 +169,10 @@ def test_cuda_graph_capture_with_tables_updated_in_place():
 
     def step():
         h.copy_(h_in)
-        ops.steer_norm_(h, out, dev["slot"], dev["gate"], dev["meta"], dev["params"], dev["bank"],
-                        dev["weight"], norm_kind=L.NORM_RMS, eps=case["eps"], backend="cuda",
-                        validate=False)
+        # the carriers' entry point: tables checked once, no per-call value reads in capture
+        ops._steer_norm_fast_(h, out, dev["slot"], dev["gate"], dev["meta"], dev["params"],
+                              dev["bank"], dev["weight"], norm_kind=L.NORM_RMS, eps=case["eps"],
+                              backend="cuda")
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -203,9 +204,10 @@ def test_rows_whose_edits_all_skip_are_not_written(d):
     h, meta, params, bank, slot = skipped_rows_case(d)
     hd = h.to(DEVICE)
     out = torch.full_like(hd, float("nan"))
-    ops.steer_norm_(hd, out, slot.to(DEVICE), torch.ones(3, dtype=torch.uint8, device=DEVICE),
-                    meta.to(DEVICE), params.to(DEVICE), bank.to(DEVICE), norm_kind=L.NORM_RMS,
-                    backend="cuda", validate=False)
+    ops._steer_norm_fast_(hd, out, slot.to(DEVICE),
+                          torch.ones(3, dtype=torch.uint8, device=DEVICE), meta.to(DEVICE),
+                          params.to(DEVICE), bank.to(DEVICE), norm_kind=L.NORM_RMS,
+                          backend="cuda")
     assert_only_row_1_written(hd.cpu(), h)
 
 
@@ -214,10 +216,11 @@ def test_slot_at_or_beyond_table_is_untouched():
     slot = torch.tensor([2, 3, 100, -1, 0, 1], dtype=torch.int32, device=DEVICE)
     h = case["h"].to(DEVICE)
     out = torch.empty_like(h)
-    ops.steer_norm_(h, out, slot, torch.ones(6, dtype=torch.bool, device=DEVICE),
-                    case["meta"].to(DEVICE), case["params"].to(DEVICE), case["bank"].to(DEVICE),
-                    case["weight"].to(DEVICE), norm_kind=L.NORM_RMS, backend="cuda",
-                    validate=False)
+    # slot >= S: the carriers' entry point (the public op refuses it before the kernel)
+    ops._steer_norm_fast_(h, out, slot, torch.ones(6, dtype=torch.bool, device=DEVICE),
+                          case["meta"].to(DEVICE), case["params"].to(DEVICE),
+                          case["bank"].to(DEVICE), case["weight"].to(DEVICE),
+                          norm_kind=L.NORM_RMS, backend="cuda")
     assert torch.equal(h[:4].cpu(), case["h"][:4])
 
 

@@ -44,6 +44,10 @@ BAD_INTERVENTIONS = [
     (lambda: fs.Add(torch.ones(D), 1.0, layers=[1], when=fs.Cosine({0: torch.ones(D)}, 0.1)), ValueError, "when.vector: has no vector for layer 1"),
     (lambda: fs.Cosine(torch.ones(D), 1.5), ValueError, r"when.threshold: .*\[-1, 1\]"),
     (lambda: fs.Scale(float("nan")), ValueError, "factor"),
+    (lambda: fs.Add(torch.ones(D), 3e38, layers=[0]), ValueError, r"alpha: \|alpha\| \* max\|vector\|"),
+    (lambda: fs.Clamp(torch.ones(D), 1e20, layers=[0]), ValueError, r"value: \|value\| is 1e\+20"),
+    (lambda: fs.Scale(1e20), ValueError, r"factor: \|factor\|"),
+    (lambda: fs.Add(torch.ones(D), 1.0, layers=[0], when=fs.Cosine(torch.zeros(D), 0.1)), ValueError, "when.vector: a Cosine condition's vector is zero"),
 ]
 
 
@@ -72,6 +76,8 @@ def test_bad_rows(steerer):
         steerer.set(iv, rows=[])
     with pytest.raises(TypeError, match="rows: expected ints"):
         steerer.set(iv, rows=[0.5])
+    with pytest.raises(ValueError, match="rows: expected batch row indices <= 1048575"):
+        steerer.set(iv, rows=[10 ** 12])
 
 
 def test_rows_longer_than_the_batch_fail_before_any_layer_runs(steerer):

@@ -166,3 +166,64 @@ def test_cuda_rows_run_on_triton_or_fall_back_without_it(monkeypatch):
     assert implementation("auto", "cuda", 1) == "triton"
     assert implementation("cuda", "cuda", 1) == "triton"
     assert implementation("auto", "cpu", 1) in ("cpu", "reference")
+
+
+def _inf_w_dec(c):
+    c["w_dec"] = c["w_dec"].clone()
+    c["w_dec"][2, 1] = float("inf")
+
+
+@pytest.mark.parametrize("in_scale,mutate,match", [
+    (0.0, None, "in_scale"),
+    (float("nan"), None, "in_scale"),
+    (float("inf"), None, "in_scale"),
+    (1.0, _inf_w_dec, "w_dec"),
+    (1.0, lambda c: c["w_enc"].__setitem__((0, 0), float("nan")), "w_enc"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_non_finite_scale_or_weights_raise(in_scale, mutate, match, backend):
+    """in_scale 0 / NaN / inf, or a NaN / inf weight, would write NaN / inf into a finite h."""
+    c = make(2, 4, 8, 20, 2, 2, torch.float32, L.ACT_RELU)
+    if mutate is not None:
+        mutate(c)
+    h = c["h"].clone()
+    with pytest.raises(ValueError, match=match):
+        ops.sae_replace_(h, *args_of(c), activation=L.ACT_RELU, in_scale=in_scale,
+                         backend=backend)
+    assert torch.equal(h, c["h"])
+    # the carriers' entry point checks the scale too (weights are checked when planned)
+    if mutate is None:
+        with pytest.raises(ValueError, match="in_scale"):
+            ops._sae_replace_fast_(h, *args_of(c), activation=L.ACT_RELU, in_scale=in_scale,
+                                   backend=backend)
+
+
+def test_weights_changed_in_place_are_checked_again():
+    c = make(3, 4, 8, 20, 2, 2, torch.float32, L.ACT_RELU)
+    ops.sae_replace_(c["h"].clone(), *args_of(c), activation=L.ACT_RELU, backend="cpu")
+    c["w_dec"][0, 0] = float("inf")                       # same tensor, new version
+    with pytest.raises(ValueError, match="w_dec"):
+        ops.sae_replace_(c["h"].clone(), *args_of(c), activation=L.ACT_RELU, backend="cpu")
+
+
+@pytest.mark.parametrize("act", [L.ACT_RELU, L.ACT_TOPK])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_zero_edits_per_slot_matches_reference(act, keep):
+    """K = 0 (slots without feature edits): the identity with the error term kept, the
+    reconstruction without it -- as the reference, not an IndexError."""
+    c = make(4, 5, 8, 20, 2, 0, torch.float32, act)
+    c["keep_error"].fill_(keep)
+    want = reference(c["h"].clone(), *args_of(c), act, c["k"], 1.0, True)
+    h = c["h"].clone()
+    ops.sae_replace_(h, *args_of(c), activation=act, k=c["k"], backend="cpu")
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+    if keep:
+        torch.testing.assert_close(h, c["h"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_rows(backend):
+    c = make(5, 0, 8, 20, 2, 2, torch.float32, L.ACT_RELU)
+    h = c["h"].clone()
+    ops.sae_replace_(h, *args_of(c), activation=L.ACT_RELU, backend=backend)
+    assert h.shape == (0, 8)

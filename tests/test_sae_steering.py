@@ -188,7 +188,8 @@ def _llama_sets_and_reference(sae, arch):
     b = feature_pair(sae, 11, "set", 3.0, layers=[2], site="resid_pre")        # fused, same point
     c = feature_pair(sae, 5, "clamp", 0.5, 1.0, positions="prompt")            # fused, prompt only
     with pytest.warns(UserWarning, match=r"trained at resid_post\[1\].*resid_mid\[1\]"):
-        d = feature_pair(sae, 24, "scale", 4.0, site="resid_mid", positions="generated")
+        d = feature_pair(sae, 24, "scale", 4.0, site="resid_mid", positions="generated",
+                         allow_other_site=True)
     v = random_vectors([1], D, seed=5, scale=2.0)
     add = pair("add", [1], vectors=v, value=1.0)                               # after the SAE edits
     sets = [([a[0], b[0], add[0]], [0]), ([c[0], d[0]], [2])]
@@ -331,7 +332,7 @@ def test_d_in_mismatch_and_layer_out_of_range_fail_before_anything_changes():
             with pytest.raises(ValueError, match=r"sae: d_in = 40 but the model's hidden size is 32"):
                 st.set(iv)
         with pytest.warns(UserWarning, match="trained at"):
-            far = fs.FeatureEdit(sae, 1, "set", 1.0, layers=[7])
+            far = fs.FeatureEdit(sae, 1, "set", 1.0, layers=[7], allow_other_site=True)
         with pytest.raises(ValueError, match=r"layers: \[7\] out of range"):
             st.set(far)
         with pytest.raises(ValueError, match="d_in = 40"):
@@ -339,14 +340,21 @@ def test_d_in_mismatch_and_layer_out_of_range_fail_before_anything_changes():
         assert torch.equal(st.carriers[("pre", 2)].tables.meta, before)
 
 
-def test_site_mismatch_warns_naming_both_places():
+def test_site_mismatch_is_refused_or_warns_naming_both_places():
     sae = random_sae(D, F, "relu", seed=17, layer=1, site="resid_post",
                      hook_name="blocks.1.hook_resid_post")
-    with pytest.warns(UserWarning, match=r"trained at resid_post\[1\] \(hook 'blocks.1.hook_resid_post'\) "
-                                         r"but is applied at resid_pre\[1\]"):
+    both = (r"trained at resid_post\[1\] \(hook 'blocks.1.hook_resid_post'\) "
+            r"but is applied at resid_pre\[1\]")
+    with pytest.raises(ValueError, match=both + ".*allow_other_site=True"):
         fs.FeatureEdit(sae, 1, "set", 1.0, site="resid_pre")
-    with pytest.warns(UserWarning, match=r"resid_post\[1\].*resid_post\[0\], resid_post\[2\]"):
+    with pytest.raises(ValueError, match=r"resid_post\[1\].*resid_post\[0\], resid_post\[2\]"):
         fs.SAEReplace(sae, {1: 1.0}, layers=[0, 1, 2])
+    with pytest.raises(TypeError, match="allow_other_site: expected a bool"):
+        fs.FeatureEdit(sae, 1, "set", 1.0, site="resid_pre", allow_other_site="yes")
+    with pytest.warns(UserWarning, match=both):
+        fs.FeatureEdit(sae, 1, "set", 1.0, site="resid_pre", allow_other_site=True)
+    with pytest.warns(UserWarning, match=r"resid_post\[1\].*resid_post\[0\], resid_post\[2\]"):
+        fs.SAEReplace(sae, {1: 1.0}, layers=[0, 1, 2], allow_other_site=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fs.FeatureEdit(sae, 1, "set", 1.0, layers=[2], site="resid_pre")   # the same point

@@ -142,14 +142,15 @@ def test_backend_many_rows_threads(backend, dtype):
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_slot_at_or_beyond_table_is_untouched(backend):
-    """Without validation, slots >= S are treated as untouched (never read out of bounds)."""
+    """Through the carriers' entry point (tables validated when built, slots not range
+    checked per call), slots >= S are treated as untouched (never read out of bounds)."""
     case = make_case(7, 6, 40, 2, 2, torch.float32, "rms_llama")
     case["slot"] = torch.tensor([2, 3, 100, -1, 0, 1], dtype=torch.int32)
     case["gate"] = torch.ones(6, dtype=torch.uint8)
     h = case["h"].clone()
     out = torch.empty_like(h)
-    ops.steer_norm_(h, out, case["slot"], case["gate"], case["meta"], case["params"], case["bank"],
-                    case["weight"], norm_kind=L.NORM_RMS, backend=backend, validate=False)
+    ops._steer_norm_fast_(h, out, case["slot"], case["gate"], case["meta"], case["params"],
+                          case["bank"], case["weight"], norm_kind=L.NORM_RMS, backend=backend)
     assert torch.equal(h[:4], case["h"][:4])
 
 
@@ -172,13 +173,13 @@ def test_reference_autograd_flows_to_alpha():
     bank = torch.randn(1, d)
     slot = torch.zeros(4, dtype=torch.int32)
     gate = torch.ones(4, dtype=torch.uint8)
-    h_new, out = ops.steer_norm(h, slot, gate, meta, params, bank, torch.ones(d), validate=False)
+    h_new, out = ops.steer_norm(h, slot, gate, meta, params, bank, torch.ones(d))
     (out.sum() + h_new.pow(2).sum()).backward()
     assert params.grad is not None and params.grad[0, 0, 0] != 0
     expected = 2 * (h.detach() + 1.5 * bank[0]) @ bank[0]
     # d/d alpha of sum(h_new^2) alone:
     params.grad = None
-    h_new, _ = ops.steer_norm(h, slot, gate, meta, params, bank, norm_kind=L.NORM_NONE, validate=False)
+    h_new, _ = ops.steer_norm(h, slot, gate, meta, params, bank, norm_kind=L.NORM_NONE)
     h_new.pow(2).sum().backward()
     assert math.isclose(float(params.grad[0, 0, 0]), float(expected.sum()), rel_tol=1e-4)
 
@@ -188,3 +189,94 @@ def test_layout_constants_match_cpp():
     consts = cpu_module().layout_constants()
     for name, value in consts.items():
         assert getattr(L, name) == value, name
+
+
+# ------------------------------------------------------------- portable build, ISA paths
+
+_ISA_SCRIPT = r"""
+import json, sys, torch
+import fasteer.ops as ops
+from fasteer.ops import dispatch
+sys.path.insert(0, {tests!r})
+from test_steer_norm_backends import make_case, run_backend
+res = {{"isa": dispatch.cpu_module().isa(), "info": dispatch.cpu_module().build_info()}}
+worst = 0.0
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for d in (7, 64, 300):
+        case = make_case(11, 9, d, 3, 4, dtype, "rms_llama", with_conditions=False)
+        outs = {{b: run_backend(case, b) for b in ("reference", "cpu")}}
+        for i in range(2):
+            a, b = outs["cpu"][i].float(), outs["reference"][i].float()
+            worst = max(worst, float(((a - b).abs() / (1 + b.abs())).max()))
+res["worst"] = worst
+print(json.dumps(res))
+"""
+
+
+def _cpu_supports(*flags):
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return all(f in line.split() for f in flags)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fasteer._C not built")
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_path_matches_reference(isa):
+    """The module is built for a portable baseline and picks AVX2 / AVX-512 code at run
+    time; FASTEER_CPU_ISA caps the choice, so each path runs here and matches."""
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.machine() not in ("x86_64", "AMD64") and isa != "baseline":
+        pytest.skip("x86-64 only")
+    want = isa
+    if isa == "avx512" and not _cpu_supports("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        want = "avx2" if _cpu_supports("avx2", "fma", "f16c") else "baseline"
+    if isa == "avx2" and not _cpu_supports("avx2", "fma", "f16c"):
+        want = "baseline"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FASTEER_CPU_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["isa"] == want, res
+    assert f"runs the {want} path" in res["info"], res["info"]
+    assert res["worst"] < 2e-2, res       # bf16 rounding of near-tie rows at most
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fasteer._C not built")
+def test_build_is_portable():
+    """Default build: -march=x86-64-v2 (not native), and no AVX / AVX-512 instruction
+    outside the functions chosen at run time -- so the module loads and runs on any
+    x86-64-v2 CPU instead of dying with SIGILL."""
+    import os
+    import platform
+    import re
+    import shutil
+    import subprocess
+    from fasteer.ops import dispatch
+    mod = dispatch.cpu_module()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    if os.environ.get("FASTEER_CPU_ARCH", "x86-64-v2") == "x86-64-v2":
+        assert "built for -march=x86-64-v2" in mod.build_info(), mod.build_info()
+    if "-march=x86-64-v2" not in mod.build_info() or shutil.which("objdump") is None:
+        pytest.skip("custom FASTEER_CPU_ARCH build, or no objdump")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", mod.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    fn, wide = None, {}
+    for line in asm.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            fn = head.group(1)
+        elif re.match(r"^\s+[0-9a-f]+:\s+(v[a-z0-9]+|k(mov|and|or|xor|not)[bwdq])\s", line):
+            wide[fn] = wide.get(fn, 0) + 1
+    assert wide, "no AVX code at all: the wide paths were not compiled"
+    stray = [f for f in wide if "run_rows_avx2" not in f and "run_rows_avx512" not in f]
+    assert not stray, f"AVX instructions outside the run-time-dispatched functions: {stray[:5]}"

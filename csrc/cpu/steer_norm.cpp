@@ -19,7 +19,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "../common/dtype.h"
@@ -28,28 +31,56 @@
 #include "../common/norm_math.h"
 #include "thread_pool.h"
 
+// Portable build, wide code at run time: the module is compiled for a baseline ISA
+// (setup.py: -march=x86-64-v2 unless FASTEER_CPU_ARCH says otherwise) so it loads on any
+// x86-64 machine, and the row loop is compiled three times -- baseline, AVX2 and AVX-512,
+// through function target attributes -- with the widest one the CPU supports chosen once
+// at load (FASTEER_CPU_ISA=baseline|avx2|avx512 caps it). Everything the row loop calls on
+// its hot path is force-inlined, so it is compiled for the caller's ISA; any function that
+// is not inlined keeps the baseline ISA, so no wide instruction can run on a CPU without it.
+#define FASTEER_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTEER_X86_DISPATCH 1
+#define FASTEER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTEER_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#endif
+
 namespace fasteer {
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {
+FASTEER_INLINE float dot(const float* a, const float* b, int64_t d) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
 }
 
-inline float sumsq(const float* a, int64_t d) { return dot(a, a, d); }
+FASTEER_INLINE float sumsq(const float* a, int64_t d) { return dot(a, a, d); }
 
-inline float sum(const float* a, int64_t d) {
+FASTEER_INLINE float sum(const float* a, int64_t d) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i];
   return s;
 }
 
+// Table values are validated in Python before they reach a kernel (fasteer.ops
+// validate_tables); these guards make sure that no table value whatsoever can make the
+// kernel read outside the bank: an edit with an unknown kind or a bank index out of
+// range is skipped (treated as NONE).
+inline bool bank_row_ok(const SteerNormArgs& a, int64_t r) { return r >= 0 && r < a.v; }
+
+inline bool edit_ok(const SteerNormArgs& a, const int32_t* m, int32_t kind) {
+  if (kind < 0 || kind > kFeature) return false;
+  if (edit_reads_u(kind) && !bank_row_ok(a, m[kMetaU])) return false;
+  if (kind == kFeature && !bank_row_ok(a, m[kMetaW])) return false;
+  return true;
+}
+
 // Edit the float32 row x in place; returns whether any edit applied. `read_copy` holds
 // the row a run of JOINT edits reads (copied only when such a run starts).
-bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
+FASTEER_INLINE bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
                       std::vector<uint8_t>& passes, float* read_copy) {
   const int64_t d = a.d;
   const int32_t* meta = a.meta + slot * a.e * kMetaWidth;
@@ -62,7 +93,12 @@ bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
     const int32_t code = meta[e * kMetaWidth + kMetaCode];
     const int32_t cond = code_condition(code);
     if (code_kind(code) == kNone || cond == kCondNone) continue;
-    const float* c = a.bank + int64_t(meta[e * kMetaWidth + kMetaC]) * d;
+    const int64_t ci = meta[e * kMetaWidth + kMetaC];
+    if ((cond != kCondCosine && cond != kCondProj) || !bank_row_ok(a, ci)) {
+      passes[size_t(e)] = 0;  // invalid condition (validation rejects it): skip the edit
+      continue;
+    }
+    const float* c = a.bank + ci * d;
     const float dc = dot(x, c, d);
     float norms = 0.0f;
     if (cond == kCondCosine) {
@@ -87,7 +123,7 @@ bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
       }
     }
     const int32_t kind = code_kind(code);
-    if (kind == kNone || !passes[size_t(e)]) continue;
+    if (kind == kNone || !passes[size_t(e)] || !edit_ok(a, m, kind)) continue;
     const float* u = edit_reads_u(kind) ? a.bank + int64_t(m[kMetaU]) * d : nullptr;
     const float* w = kind == kFeature ? a.bank + int64_t(m[kMetaW]) * d : nullptr;
     const float dot_u = edit_needs_dot_u(kind) ? dot(read, u, d) : 0.0f;
@@ -117,7 +153,7 @@ bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float* x,
 }
 
 template <typename T>
-void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
+FASTEER_INLINE void run_rows_body(const SteerNormArgs& a, int64_t begin, int64_t end) {
   thread_local std::vector<float> scratch;
   thread_local std::vector<uint8_t> passes;
   const int64_t d = a.d;
@@ -174,21 +210,89 @@ void run_rows(const SteerNormArgs& a, int64_t begin, int64_t end) {
 }
 
 template <typename T>
+void run_rows_baseline(const SteerNormArgs& a, int64_t begin, int64_t end) {
+  run_rows_body<T>(a, begin, end);
+}
+#if defined(FASTEER_X86_DISPATCH)
+template <typename T>
+FASTEER_TARGET_AVX2 void run_rows_avx2(const SteerNormArgs& a, int64_t begin, int64_t end) {
+  run_rows_body<T>(a, begin, end);
+}
+template <typename T>
+FASTEER_TARGET_AVX512 void run_rows_avx512(const SteerNormArgs& a, int64_t begin, int64_t end) {
+  run_rows_body<T>(a, begin, end);
+}
+#endif
+
+// The widest ISA this CPU runs (capped by FASTEER_CPU_ISA), decided once.
+Isa detect_isa() {
+  Isa best = Isa::kBaseline;
+#if defined(FASTEER_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+#endif
+  const char* cap = std::getenv("FASTEER_CPU_ISA");
+  if (cap != nullptr && *cap != '\0') {
+    Isa want = best;
+    if (std::strcmp(cap, "baseline") == 0) want = Isa::kBaseline;
+    else if (std::strcmp(cap, "avx2") == 0) want = Isa::kAvx2;
+    else if (std::strcmp(cap, "avx512") == 0) want = Isa::kAvx512;
+    if (int(want) < int(best)) best = want;
+  }
+  return best;
+}
+
+template <typename T>
+using RowFn = void (*)(const SteerNormArgs&, int64_t, int64_t);
+
+template <typename T>
+RowFn<T> row_fn() {
+#if defined(FASTEER_X86_DISPATCH)
+  switch (active_isa()) {
+    case Isa::kAvx512: return &run_rows_avx512<T>;
+    case Isa::kAvx2: return &run_rows_avx2<T>;
+    default: break;
+  }
+#endif
+  return &run_rows_baseline<T>;
+}
+
+template <typename T>
 void dispatch_rows(const SteerNormArgs& a) {
+  static const RowFn<T> run_rows = row_fn<T>();
   // Split only when there is enough work to pay for waking threads (~16k elements each).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(a.d, 1));
   ThreadPool::instance().parallel_for(a.n, grain, a.num_threads,
-                                      [&](int64_t b, int64_t e) { run_rows<T>(a, b, e); });
+                                      [&](int64_t b, int64_t e) { run_rows(a, b, e); });
 }
 
 }  // namespace
 
+Isa active_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 void steer_norm_cpu(const SteerNormArgs& a) {
   if (a.norm_kind != kNormNone && a.norm_kind != kNormRms && a.norm_kind != kNormLayer)
     throw std::invalid_argument("norm_kind: expected 0 (none), 1 (rms) or 2 (layer)");
+  if (a.n == 0 || a.d == 0) return;
   if (a.norm_kind != kNormNone && a.out == nullptr)
     throw std::invalid_argument("out: required when norm_kind is not none");
-  if (a.n == 0 || a.d == 0) return;
   switch (a.dtype) {
     case kFloat32: return dispatch_rows<float>(a);
     case kBFloat16: return dispatch_rows<bf16_t>(a);

@@ -28,6 +28,12 @@ struct SteerNormArgs {
   int64_t addend_stride = 0;
 };
 
+// The instruction set the row loop runs with: the widest of baseline / AVX2 / AVX-512
+// the CPU supports, capped by the environment variable FASTEER_CPU_ISA (read once).
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa active_isa();
+const char* isa_name(Isa isa);
+
 // Throws std::invalid_argument on an unknown dtype or norm kind.
 void steer_norm_cpu(const SteerNormArgs& args);
 

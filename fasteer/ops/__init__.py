@@ -20,6 +20,10 @@ from .add_steer_norm import add_steer_norm_
 from .dispatch import BACKENDS, backend_status
 from .sae_replace import sae_replace_
 from .steer_norm import steer_, steer_norm, steer_norm_, validate_tables
+# the carriers' entry points, for tables validated when they were built (not public API)
+from .add_steer_norm import _add_steer_norm_fast_  # noqa: F401
+from .sae_replace import _sae_replace_fast_  # noqa: F401
+from .steer_norm import _steer_fast_, _steer_norm_fast, _steer_norm_fast_  # noqa: F401
 
 __all__ = ["BACKENDS", "add_steer_norm_", "backend_status", "layout", "sae_replace_", "steer_",
            "steer_norm", "steer_norm_", "validate_tables"]

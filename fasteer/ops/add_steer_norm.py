@@ -20,7 +20,8 @@ import torch
 
 from . import dispatch
 from . import layout as L
-from .steer_norm import _DTYPES, _check_tensor, _eager, _flat, _rows, _run, _validate_call
+from .steer_norm import (_DTYPES, _check_layout, _check_tensor, _eager, _flat, _overlap, _rows,
+                         _run, _validate_call)
 
 _lib = torch.library.Library("fasteer", "FRAGMENT")
 _lib.define(
@@ -30,10 +31,26 @@ _lib.define(
 )
 
 
-def _impl(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
-          cast_before_weight, backend):
+def _run_op(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+            weight_offset, cast_before_weight, backend):
     _run(_rows(h), _rows(out), _flat(slot), _flat(gate), meta, params, bank, weight, bias,
          norm_kind, eps, weight_offset, cast_before_weight, backend, _rows(x))
+
+
+def _check_layout_add(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind):
+    _check_layout(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    if norm_kind == L.NORM_NONE:
+        raise ValueError("norm_kind: add_steer_norm_ needs a norm (NORM_RMS or NORM_LAYER)")
+    _validate_addend(h, x, out)
+
+
+def _impl(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
+          cast_before_weight, backend):
+    """The registered op (and the carriers' fast path): layout checked on every call,
+    table values trusted (validated when the tables were built)."""
+    _check_layout_add(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    _run_op(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+            weight_offset, cast_before_weight, backend)
 
 
 for _key in ("CPU", "CUDA"):
@@ -47,22 +64,6 @@ def _fake(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, ep
 
 
 # --------------------------------------------------------------------------- validation
-
-def _extent(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last) byte addresses a tensor's elements span (empty: an empty range)."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # by address range, not only equal data pointers: the kernels read x and write h and
-    # out row by row, so any shared element (a shifted view, say) would be read after it
-    # was overwritten
-    (a0, a1), (b0, b1) = _extent(a), _extent(b)
-    return a0 < b1 and b0 < a1
-
 
 def _validate_addend(h: torch.Tensor, x, out: torch.Tensor) -> None:
     _check_tensor("x", x, dtypes=_DTYPES)
@@ -79,6 +80,7 @@ def _validate_addend(h: torch.Tensor, x, out: torch.Tensor) -> None:
         x.view(-1, hidden)
     except RuntimeError:
         raise ValueError(f"x: must be viewable as [N, {hidden}] (strides {x.stride()})") from None
+    # x is only read: a stride-0 (expanded) x is fine
     if _overlap(x, h):
         raise ValueError("x: must not alias h (h is written in place)")
     if _overlap(out, h):
@@ -94,8 +96,8 @@ def add_steer_norm_(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, slot: t
                     bank: torch.Tensor, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, *, norm_kind: int = L.NORM_RMS,
                     eps: float = 1e-6, weight_offset: float = 0.0,
-                    cast_before_weight: bool = True, backend: str | None = None,
-                    validate: bool = True) -> torch.Tensor:
+                    cast_before_weight: bool = True,
+                    backend: str | None = None) -> torch.Tensor:
     """Residual add, edits and norm in one pass: ``h`` [..., D] is the residual (updated in
     place), ``x`` the sublayer output to add (same shape, dtype and device), ``out`` the
     norm's output.
@@ -109,17 +111,33 @@ def add_steer_norm_(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, slot: t
          LayerNorm (``weight``, ``bias``), as in `steer_norm_`.
     h, x and out must not overlap in memory. Returns ``out``.
     """
-    if validate:
-        _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
-        if norm_kind == L.NORM_NONE:
-            raise ValueError("norm_kind: add_steer_norm_ needs a norm (NORM_RMS or NORM_LAYER)")
-        _validate_addend(h, x, out)
+    backend = dispatch.requested_backend(backend)
+    _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    if norm_kind == L.NORM_NONE:
+        raise ValueError("norm_kind: add_steer_norm_ needs a norm (NORM_RMS or NORM_LAYER)")
+    _validate_addend(h, x, out)
     if _eager():
-        _impl(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-              weight_offset, cast_before_weight, dispatch.requested_backend(backend))
+        _run_op(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                weight_offset, cast_before_weight, backend)
     else:
         torch.ops.fasteer.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias,
                                           int(norm_kind), float(eps), float(weight_offset),
-                                          bool(cast_before_weight),
-                                          dispatch.requested_backend(backend))
+                                          bool(cast_before_weight), backend)
+    return out
+
+
+def _add_steer_norm_fast_(h, x, out, slot, gate, meta, params, bank, weight=None, bias=None, *,
+                          norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=0.0,
+                          cast_before_weight=True, backend=None):
+    """The carriers' entry point, for tables validated when they were built
+    (`fasteer.ops.steer_norm._steer_norm_fast_`): every argument's layout is checked, the
+    table values and slot range are not re-read. Not public API."""
+    backend = dispatch.requested_backend(backend)
+    if _eager():
+        _impl(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+              weight_offset, cast_before_weight, backend)
+    else:
+        torch.ops.fasteer.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias,
+                                          int(norm_kind), float(eps), float(weight_offset),
+                                          bool(cast_before_weight), backend)
     return out

@@ -10,6 +10,8 @@ error (keep_error [S]).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import dispatch
@@ -63,6 +65,15 @@ def _run(h2, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_
 
 def _impl(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
           keep_error, activation, k, in_scale, apply_b_dec_to_input, backend):
+    """The registered op: every argument's layout checked, values trusted."""
+    _check_layout(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+                  edit_val, keep_error, activation, k, in_scale)
+    _sae_run(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
+             keep_error, activation, k, in_scale, apply_b_dec_to_input, backend)
+
+
+def _sae_run(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
+             keep_error, activation, k, in_scale, apply_b_dec_to_input, backend):
     _run(h.view(-1, h.shape[-1]), slot.view(-1), gate.view(-1), w_enc, b_enc, w_dec, b_dec,
          threshold, edit_feat, edit_code, edit_val, keep_error, activation, k, in_scale,
          apply_b_dec_to_input, backend)
@@ -94,9 +105,63 @@ def _check(name, t, dtypes=None, shape=None, device=None):
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_finite_once(name: str, t: torch.Tensor) -> None:
+    """SAE weights must be finite (an inf in W_dec writes inf / NaN into a finite h). Checked
+    once per tensor and version: an in-place change of the weights is checked again."""
+    stamp = (t._version, t.data_ptr())
+    if getattr(t, "_fasteer_finite", None) == stamp:
+        return
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    try:
+        t._fasteer_finite = stamp
+    except (AttributeError, RuntimeError):  # tensor subclasses without a __dict__
+        pass
+
+
+def _check_scale(in_scale) -> None:
+    try:
+        value = float(in_scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not math.isfinite(value) or value == 0:
+        raise ValueError(f"in_scale: expected a finite nonzero number, got {in_scale!r}")
+
+
 def validate(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
-             keep_error, activation, k):
+             keep_error, activation, k, in_scale=1.0):
+    """The public entry point's full check: layout, then the values it reads."""
+    _check_layout(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+                  edit_val, keep_error, activation, k, in_scale)
+    f = w_enc.shape[1]
+    s = edit_feat.shape[0]
+    for name, t in (("w_enc", w_enc), ("b_enc", b_enc), ("w_dec", w_dec), ("b_dec", b_dec)):
+        _check_finite_once(name, t)
+    if activation == L.ACT_JUMPRELU:
+        _check_finite_once("threshold", threshold)
+    if edit_feat.numel() and bool(((edit_feat < -1) | (edit_feat >= f)).any()):
+        raise ValueError(f"edit_feat: feature ids must be -1 (none) or in 0..{f - 1}")
+    if edit_code.numel() and bool(((edit_code < 0) | (edit_code > L.FEAT_CLAMP)).any()):
+        raise ValueError("edit_code: expected FEAT_ADD, FEAT_SET, FEAT_SCALE or FEAT_CLAMP")
+    if not bool(torch.isfinite(edit_val).all()):
+        raise ValueError("edit_val: contains NaN or inf")
+    if slot.numel() and bool(((slot < -1) | (slot >= s)).any()):
+        raise ValueError(f"slot: indices must be in -1..{s - 1}")
+
+
+def _check_layout(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+                  edit_val, keep_error, activation, k, in_scale):
+    """Types, shapes, dtypes, devices and contiguity of every argument, and the scalars: no
+    tensor value is read (no host sync). Runs on every call."""
     _check("h", h, _FLOATS)
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"h: expected shape [..., D] with D >= 1, got {tuple(h.shape)}")
+    _check_scale(in_scale)
+    for name, t in (("w_enc", w_enc), ("b_enc", b_enc), ("w_dec", w_dec), ("b_dec", b_dec),
+                    ("slot", slot), ("gate", gate), ("edit_feat", edit_feat),
+                    ("edit_code", edit_code), ("edit_val", edit_val), ("keep_error", keep_error)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     d = h.shape[-1]
     n = h.numel() // max(d, 1)
     dev = h.device
@@ -125,33 +190,44 @@ def validate(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, ed
     _check("edit_code", edit_code, (torch.int32,), (s, kk), dev)
     _check("edit_val", edit_val, (torch.float32,), (s, kk, 2), dev)
     _check("keep_error", keep_error, (torch.uint8, torch.bool), (s,), dev)
-    if edit_feat.numel() and bool(((edit_feat < -1) | (edit_feat >= f)).any()):
-        raise ValueError(f"edit_feat: feature ids must be -1 (none) or in 0..{f - 1}")
-    if edit_code.numel() and bool(((edit_code < 0) | (edit_code > L.FEAT_CLAMP)).any()):
-        raise ValueError("edit_code: expected FEAT_ADD, FEAT_SET, FEAT_SCALE or FEAT_CLAMP")
-    if not bool(torch.isfinite(edit_val).all()):
-        raise ValueError("edit_val: contains NaN or inf")
-    if slot.numel() and bool(((slot < -1) | (slot >= s)).any()):
-        raise ValueError(f"slot: indices must be in -1..{s - 1}")
 
 
 def sae_replace_(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
                  edit_val, keep_error, *, activation: int, k: int = 0, in_scale: float = 1.0,
-                 apply_b_dec_to_input: bool = True, backend: str | None = None,
-                 validate_inputs: bool = True) -> torch.Tensor:
+                 apply_b_dec_to_input: bool = True, backend: str | None = None) -> torch.Tensor:
     """Replace h [..., D] in place by the SAE's edited decode (see the module docstring).
 
     ``threshold`` is ignored unless activation is JumpReLU (pass an empty tensor);
-    ``in_scale`` multiplies h before encoding and divides the result.
+    ``in_scale`` (finite, nonzero) multiplies h before encoding and divides the result.
+    Every argument is checked first (TypeError / ValueError naming it, nothing written),
+    the SAE weights for NaN / inf once per tensor version.
     """
-    if validate_inputs:
-        validate(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
-                 edit_val, keep_error, activation, k)
+    validate(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+             edit_val, keep_error, activation, k, in_scale)
+    return _call(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+                 edit_val, keep_error, activation, k, in_scale, apply_b_dec_to_input, backend)
+
+
+def _sae_replace_fast_(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat,
+                       edit_code, edit_val, keep_error, *, activation, k=0, in_scale=1.0,
+                       apply_b_dec_to_input=True, backend=None):
+    """The SAE carrier's entry point (not public API): for edit tables and weights checked
+    when they were planned, so no tensor value is re-read per call (no host sync); every
+    argument's layout and the scalars are still checked."""
+    if not torch.compiler.is_compiling():
+        _check_layout(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat,
+                      edit_code, edit_val, keep_error, activation, k, in_scale)
+    return _call(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code,
+                 edit_val, keep_error, activation, k, in_scale, apply_b_dec_to_input, backend)
+
+
+def _call(h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
+          keep_error, activation, k, in_scale, apply_b_dec_to_input, backend):
     args = (h, slot, gate, w_enc, b_enc, w_dec, b_dec, threshold, edit_feat, edit_code, edit_val,
             keep_error, int(activation), int(k), float(in_scale), bool(apply_b_dec_to_input),
             dispatch.requested_backend(backend))
     if torch.compiler.is_compiling():
         torch.ops.fasteer.sae_replace_(*args)
     else:
-        _impl(*args)
+        _sae_run(*args)
     return h

@@ -9,9 +9,17 @@ the ops a patched model runs at every carrier, so:
   and CUDA graphs see one opaque call;
 * the backend is resolved inside the op at run time ("auto" -> by device and row
   count), so a compiled graph does not bake in a Python-side choice;
-* validation (shapes, dtypes, devices, table values) runs in the Python entry points,
-  before any tensor is written; carriers whose tables were validated when they were
-  set pass ``validate=False`` and skip it on the hot path.
+* validation runs before any tensor is written, in two parts. The *layout* check
+  (types, shapes, dtypes, devices, strides, aliasing: metadata only, no host sync, a
+  few µs) runs on every call of every entry point, the registered library op included,
+  so no call can hand a kernel a buffer smaller than it reads or writes. The *value*
+  check (finite params and bank, edit kinds, bank indices, slot range) runs in the
+  public entry points on every call, and for the carriers once, when their tables are
+  built (`fasteer.plan.compile_plan` calls `validate_tables`): the carriers use the
+  private ``_steer_norm_fast_`` / ``_steer_fast_`` entry points, which skip it. There
+  is no public switch to skip validation. The C++ kernel also ignores (skips) an edit
+  whose bank index or condition is out of range, so on CPU tensors no table values at
+  all can make it read out of bounds.
 """
 from __future__ import annotations
 
@@ -88,15 +96,31 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 1 else t.view(-1)
 
 
-def _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                     weight_offset, cast_before_weight, backend):
+def _steer_norm_run(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                    weight_offset, cast_before_weight, backend):
     _run(_rows(h), _rows(out), _flat(slot), _flat(gate), meta, params, bank, weight, bias,
          norm_kind, eps, weight_offset, cast_before_weight, backend)
 
 
-def _steer_impl(h, slot, gate, meta, params, bank, backend):
+def _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                     weight_offset, cast_before_weight, backend):
+    """The registered op (and the carriers' fast path): layout checked on every call,
+    table values trusted (validated when the tables were built)."""
+    _check_layout(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    if norm_kind == L.NORM_NONE:
+        raise ValueError("norm_kind: steer_norm_ needs a norm; use steer_ to edit only")
+    _steer_norm_run(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                    weight_offset, cast_before_weight, backend)
+
+
+def _steer_run(h, slot, gate, meta, params, bank, backend):
     _run(_rows(h), None, _flat(slot), _flat(gate), meta, params, bank, None, None,
          L.NORM_NONE, 0.0, 0.0, True, backend)
+
+
+def _steer_impl(h, slot, gate, meta, params, bank, backend):
+    _check_layout(h, None, slot, gate, meta, params, bank, None, None, L.NORM_NONE)
+    _steer_run(h, slot, gate, meta, params, bank, backend)
 
 
 for _key in ("CPU", "CUDA"):
@@ -128,9 +152,58 @@ def _check_tensor(name: str, t, *, dtypes=None, dim=None, device=None):
         raise ValueError(f"{name}: expected device {device} (that of h), got {t.device}")
 
 
-def validate_tables(meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor, hidden: int,
-                    device: torch.device | None = None) -> None:
-    """Check slot tables against the layout; raises before anything is written."""
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements span (empty: an empty range)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors share an element? Exact for [N, D] row views with one row stride
+    (e.g. the two halves of a [N, 2D] buffer do not overlap); otherwise by address range
+    (conservative). The kernels read and write row by row, so any shared element would be
+    read after it was overwritten, or written by two threads."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != \
+            b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    if not (a0 < b1 and b0 < a1):
+        return False
+    ra, rb = _rows(a), _rows(b)
+    es = a.element_size()
+    if (ra.dim() == 2 and rb.dim() == 2 and ra.shape == rb.shape and es == b.element_size()
+            and ra.stride() == rb.stride() and (b0 - a0) % es == 0):
+        n, d = ra.shape
+        step = ra.stride(0)
+        delta = (b0 - a0) // es                  # b's row j starts at delta + j*step (in a's units)
+        if n == 1 or step < d:
+            return True
+        # rows i of a: [i*step, i*step + d); rows j of b: [delta + j*step, ... + d).
+        # They overlap iff |delta + k*step| < d for some k = j - i in -(n-1)..n-1.
+        k0 = -delta // step
+        return any(abs(delta + k * step) < d for k in (k0, k0 + 1) if -(n - 1) <= k <= n - 1)
+    return True
+
+
+def _check_rows(name: str, t: torch.Tensor, hidden: int, n_rows: int) -> None:
+    """t is written row by row (h, out): unit inner stride, viewable as [N, D], no two rows
+    sharing memory (a stride-0 or overlapping-row view would be written racily)."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1)")
+    try:
+        rows = t.view(-1, hidden)
+    except RuntimeError:
+        raise ValueError(f"{name}: must be viewable as [N, {hidden}] (strides {t.stride()})") from None
+    if n_rows > 1 and rows.stride(0) < hidden:
+        raise ValueError(f"{name}: rows overlap in memory (row stride {rows.stride(0)} < D = "
+                         f"{hidden}; an expanded / stride-0 tensor?); pass a tensor whose rows "
+                         "are distinct, e.g. .contiguous()")
+
+
+def _check_table_layout(meta, params, bank, hidden: int, device) -> None:
+    """Types, shapes, contiguity and devices of the slot tables (no values read)."""
     _check_tensor("meta", meta, dtypes=(torch.int32,), dim=3, device=device)
     _check_tensor("params", params, dtypes=(torch.float32,), dim=3, device=device)
     _check_tensor("bank", bank, dtypes=(torch.float32,), dim=2, device=device)
@@ -144,6 +217,10 @@ def validate_tables(meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor
     for name, t in (("meta", meta), ("params", params), ("bank", bank)):
         if not t.is_contiguous():
             raise ValueError(f"{name}: must be contiguous")
+
+
+def _check_table_values(meta, params, bank) -> None:
+    """Values of slot tables whose layout was checked (reads them: a host sync on CUDA)."""
     if not bool(torch.isfinite(params).all()):
         raise ValueError("params: contains NaN or inf")
     if not bool(torch.isfinite(bank).all()):
@@ -170,18 +247,25 @@ def validate_tables(meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor
                              f"0..{n_bank - 1}")
 
 
-def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind):
+def validate_tables(meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor, hidden: int,
+                    device: torch.device | None = None) -> None:
+    """Check slot tables against the layout (shapes and values); raises before anything
+    is written. Tables are checked with this when they are built; the carriers then run
+    the ops without re-reading the values on every call."""
+    _check_table_layout(meta, params, bank, hidden, device)
+    _check_table_values(meta, params, bank)
+
+
+def _check_layout(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind) -> None:
+    """Everything about a call that metadata alone decides: every buffer a kernel reads or
+    writes has the size, dtype, device and strides it assumes, and written buffers do not
+    overlap. Runs on every call (no host sync, safe in graph capture)."""
     _check_tensor("h", h, dtypes=_DTYPES)
     if h.dim() < 1 or h.shape[-1] == 0:
         raise ValueError(f"h: expected shape [..., D] with D >= 1, got {tuple(h.shape)}")
     hidden = h.shape[-1]
     n_rows = h.numel() // hidden
-    if h.stride(-1) != 1:
-        raise ValueError("h: the last dimension must be contiguous (stride 1)")
-    try:
-        h.view(-1, hidden)
-    except RuntimeError:
-        raise ValueError(f"h: must be viewable as [N, {hidden}] (strides {h.stride()})") from None
+    _check_rows("h", h, hidden, n_rows)
     dev = h.device
     for name, t in (("slot", slot), ("gate", gate)):
         _check_tensor(name, t, device=dev)
@@ -193,10 +277,7 @@ def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
         raise TypeError(f"slot: expected torch.int32, got {slot.dtype}")
     if gate.dtype not in (torch.uint8, torch.bool):
         raise TypeError(f"gate: expected torch.uint8 or torch.bool, got {gate.dtype}")
-    validate_tables(meta, params, bank, hidden, dev)
-    if slot.numel() and bool(((slot < -1) | (slot >= meta.shape[0])).any()):
-        bad = slot[(slot < -1) | (slot >= meta.shape[0])][0].item()
-        raise ValueError(f"slot: index {bad} out of range -1..{meta.shape[0] - 1}")
+    _check_table_layout(meta, params, bank, hidden, dev)
     if norm_kind not in (L.NORM_NONE, L.NORM_RMS, L.NORM_LAYER):
         raise ValueError(f"norm_kind: expected NORM_NONE, NORM_RMS or NORM_LAYER, got {norm_kind}")
     if norm_kind == L.NORM_NONE:
@@ -204,14 +285,9 @@ def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
     _check_tensor("out", out, dtypes=(h.dtype,), device=dev)
     if tuple(out.shape) != tuple(h.shape):
         raise ValueError(f"out: expected shape {tuple(h.shape)} (that of h), got {tuple(out.shape)}")
-    if out.stride(-1) != 1:
-        raise ValueError("out: the last dimension must be contiguous (stride 1)")
-    try:
-        out.view(-1, hidden)
-    except RuntimeError:
-        raise ValueError(f"out: must be viewable as [N, {hidden}]") from None
-    if out.data_ptr() == h.data_ptr() and out.numel():
-        raise ValueError("out: must not alias h")
+    _check_rows("out", out, hidden, n_rows)
+    if _overlap(out, h):
+        raise ValueError("out: must not alias h (no element in common)")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -222,6 +298,15 @@ def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
             raise ValueError(f"{name}: must be contiguous")
     if bias is not None and norm_kind != L.NORM_LAYER:
         raise ValueError("bias: only LayerNorm (NORM_LAYER) takes a bias")
+
+
+def _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind):
+    """The public entry points' full check: the layout, then the table values and slots."""
+    _check_layout(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    _check_table_values(meta, params, bank)
+    if slot.numel() and bool(((slot < -1) | (slot >= meta.shape[0])).any()):
+        bad = slot[(slot < -1) | (slot >= meta.shape[0])][0].item()
+        raise ValueError(f"slot: index {bad} out of range -1..{meta.shape[0] - 1}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -238,59 +323,104 @@ def steer_norm_(h: torch.Tensor, out: torch.Tensor, slot: torch.Tensor, gate: to
                 meta: torch.Tensor, params: torch.Tensor, bank: torch.Tensor,
                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
                 norm_kind: int = L.NORM_RMS, eps: float = 1e-6, weight_offset: float = 0.0,
-                cast_before_weight: bool = True, backend: str | None = None,
-                validate: bool = True) -> torch.Tensor:
+                cast_before_weight: bool = True, backend: str | None = None) -> torch.Tensor:
     """Edit ``h`` [..., D] in place from the slot tables and write its norm into ``out``.
 
     Step by step, for every row x of h (see `fasteer.ops.layout` for the tables):
-      1. if gate[row] == 0 or slot[row] is -1 / out of range: x is not touched;
+      1. if gate[row] == 0 or slot[row] is -1: x is not touched;
       2. else the slot's edits apply in order, in float32 (conditions on the incoming x);
       3. the edited x is rounded to h's dtype and stored back into h;
       4. out[row] = norm(x): RMSNorm (``weight_offset`` 1 for Gemma's ``1 + w``) or
          LayerNorm (``weight``, ``bias``), as Hugging Face computes it.
+    Every argument is checked first (TypeError / ValueError naming it, nothing written):
+    h and out must not overlap and their rows must be distinct (no stride-0 views).
     Returns ``out``.
     """
-    if validate:
-        _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
-        if norm_kind == L.NORM_NONE:
-            raise ValueError("norm_kind: steer_norm_ needs a norm; use steer_ to edit only")
+    if norm_kind == L.NORM_NONE:
+        raise ValueError("norm_kind: steer_norm_ needs a norm; use steer_ to edit only")
+    backend = dispatch.requested_backend(backend)
+    _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
     if _eager():
-        _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                         weight_offset, cast_before_weight, dispatch.requested_backend(backend))
+        _steer_norm_run(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                        weight_offset, cast_before_weight, backend)
     else:
         torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
                                       int(norm_kind), float(eps), float(weight_offset),
-                                      bool(cast_before_weight), dispatch.requested_backend(backend))
+                                      bool(cast_before_weight), backend)
     return out
 
 
 def steer_(h: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, meta: torch.Tensor,
-           params: torch.Tensor, bank: torch.Tensor, *, backend: str | None = None,
-           validate: bool = True) -> torch.Tensor:
+           params: torch.Tensor, bank: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Edit ``h`` [..., D] in place from the slot tables (no norm). Returns ``h``."""
-    if validate:
-        _validate_call(h, None, slot, gate, meta, params, bank, None, None, L.NORM_NONE)
+    backend = dispatch.requested_backend(backend)
+    _validate_call(h, None, slot, gate, meta, params, bank, None, None, L.NORM_NONE)
     if _eager():
-        _steer_impl(h, slot, gate, meta, params, bank, dispatch.requested_backend(backend))
+        _steer_run(h, slot, gate, meta, params, bank, backend)
     else:
-        torch.ops.fasteer.steer_(h, slot, gate, meta, params, bank, dispatch.requested_backend(backend))
+        torch.ops.fasteer.steer_(h, slot, gate, meta, params, bank, backend)
     return h
 
 
 def steer_norm(h: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, meta: torch.Tensor,
                params: torch.Tensor, bank: torch.Tensor, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, *, norm_kind: int = L.NORM_RMS, eps: float = 1e-6,
-               weight_offset: float = 0.0, cast_before_weight: bool = True,
-               validate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+               weight_offset: float = 0.0,
+               cast_before_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Out of place, with autograd (the `reference` math): returns (edited h, norm or None).
 
     Used by carriers when autograd is on (e.g. training steering scalars).
     """
-    if validate:
-        out_probe = None if norm_kind == L.NORM_NONE else torch.empty_like(h)
-        _validate_call(h, out_probe, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    out_probe = None if norm_kind == L.NORM_NONE else torch.empty_like(h)
+    _validate_call(h, out_probe, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    return _steer_norm_out_of_place(h, slot, gate, meta, params, bank, weight, bias, norm_kind,
+                                    eps, weight_offset, cast_before_weight)
+
+
+def _steer_norm_out_of_place(h, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                             weight_offset, cast_before_weight):
     shape = h.shape
     h_new, out = reference_steer_norm(h.reshape(-1, shape[-1]), slot.reshape(-1), gate.reshape(-1),
                                       meta, params, bank, weight, bias, norm_kind, eps,
                                       weight_offset, cast_before_weight)
     return h_new.view(shape), (None if out is None else out.view(shape))
+
+
+# ------------------------------------------------- the carriers' entry points (private)
+#
+# For tables checked with `validate_tables` when they were built (`fasteer.plan`): the
+# table values and the slot range are not re-read on every call (that is a host sync on
+# CUDA, and the carriers run at every layer of every forward). Everything else -- the
+# layout of every argument -- is still checked. Not public API.
+
+def _steer_norm_fast_(h, out, slot, gate, meta, params, bank, weight=None, bias=None, *,
+                      norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=0.0,
+                      cast_before_weight=True, backend=None):
+    backend = dispatch.requested_backend(backend)
+    if _eager():
+        _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                         weight_offset, cast_before_weight, backend)
+    else:
+        torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
+                                      int(norm_kind), float(eps), float(weight_offset),
+                                      bool(cast_before_weight), backend)
+    return out
+
+
+def _steer_fast_(h, slot, gate, meta, params, bank, *, backend=None):
+    backend = dispatch.requested_backend(backend)
+    if _eager():
+        _steer_impl(h, slot, gate, meta, params, bank, backend)
+    else:
+        torch.ops.fasteer.steer_(h, slot, gate, meta, params, bank, backend)
+    return h
+
+
+def _steer_norm_fast(h, slot, gate, meta, params, bank, weight=None, bias=None, *,
+                     norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=0.0, cast_before_weight=True):
+    """`steer_norm` (out of place, autograd) for prevalidated tables."""
+    if not torch.compiler.is_compiling():
+        out_probe = None if norm_kind == L.NORM_NONE else torch.empty_like(h)
+        _check_layout(h, out_probe, slot, gate, meta, params, bank, weight, bias, norm_kind)
+    return _steer_norm_out_of_place(h, slot, gate, meta, params, bank, weight, bias, norm_kind,
+                                    eps, weight_offset, cast_before_weight)

@@ -241,9 +241,9 @@ class SAEStages:
                 h.copy_(new.view_as(h))
                 continue
             target = h if h.is_contiguous() else h.contiguous()
-            ops.sae_replace_(target, *args, activation=w.activation, k=w.k,
-                             in_scale=w.in_scale, apply_b_dec_to_input=w.apply_b_dec,
-                             backend=backend, validate_inputs=False)
+            ops._sae_replace_fast_(target, *args, activation=w.activation, k=w.k,
+                                   in_scale=w.in_scale, apply_b_dec_to_input=w.apply_b_dec,
+                                   backend=backend)
             if target is not h:
                 h.copy_(target)
 

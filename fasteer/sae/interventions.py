@@ -20,9 +20,11 @@ Full-SAE edits run, at a site, before the other interventions there; a plan that
 them after another intervention at the same site is refused (`fasteer.plan`).
 
 Provenance checks (the SAE only means something where it was trained): ``layers=`` and
-``site=`` default to the SAE's own; applying it elsewhere warns with both places named; an
-SAE trained on a non-residual hook needs an explicit ``site=`` (and warns); the SAE's d_in
-must equal the model's hidden size (checked when the plan is made, before anything changes).
+``site=`` default to the SAE's own; applying it at another layer or site is a ValueError
+naming both places unless the intervention is built with ``allow_other_site=True`` (then it
+warns, naming both); an SAE trained on a non-residual hook needs an explicit ``site=`` (and
+warns); the SAE's d_in must equal the model's hidden size (checked when the plan is made,
+before anything changes). ``Steerer.watch`` and ``fs.extract.fgaa`` only warn.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..interventions import Intervention, _as_layers, _as_site
+from ..interventions import Intervention, _as_layers, _as_site, _check_magnitude
 from ..ops import layout as L
 from ..plan import Edit, LoweringContext, SAEReplaceEdit
 from .carrier import SAEWeights
@@ -69,9 +71,18 @@ def _trained_at(sae: SAE) -> str:
     return where + (f" (hook {sae.hook_name!r})" if sae.hook_name else "")
 
 
-def resolve_sae_placement(sae: SAE, layers, site, who: str) -> tuple[tuple[int, ...], str]:
-    """``(layers, site)`` for an SAE intervention or watch: the SAE's own by default, with a
-    warning naming both places when the caller picks another one."""
+def resolve_sae_placement(sae: SAE, layers, site, who: str, allow_other_site: bool = True
+                          ) -> tuple[tuple[int, ...], str]:
+    """``(layers, site)`` for an SAE intervention or watch: the SAE's own by default. When the
+    caller picks another place: a warning naming both (``allow_other_site``), else a
+    ValueError naming both."""
+
+    def elsewhere_(message: str) -> None:
+        if not allow_other_site:
+            raise ValueError(f"layers/site: {message}; pass allow_other_site=True to {who} "
+                             "to apply it there anyway")
+        warnings.warn(f"{who}: {message}", UserWarning, stacklevel=5)
+
     layers = _as_layers(layers)
     site = _as_site(site)
     if layers is None:
@@ -96,12 +107,11 @@ def resolve_sae_placement(sae: SAE, layers, site, who: str) -> tuple[tuple[int, 
         elsewhere = [l for l in layers if _point(l, site) != trained]
         if elsewhere:
             applied = ", ".join(f"{site}[{l}]" for l in elsewhere)
-            warnings.warn(f"{who}: the SAE was trained at {_trained_at(sae)} but is applied at "
-                          f"{applied}; its features may mean something else there",
-                          UserWarning, stacklevel=4)
+            elsewhere_(f"the SAE was trained at {_trained_at(sae)} but is applied at "
+                       f"{applied}; its features may mean something else there")
     elif sae.layer is not None and any(l != sae.layer for l in layers):
-        warnings.warn(f"{who}: the SAE was trained at layer {sae.layer} but is applied at "
-                      f"layers {list(layers)}", UserWarning, stacklevel=4)
+        elsewhere_(f"the SAE was trained at layer {sae.layer} but is applied at layers "
+                   f"{list(layers)}")
     return layers, site
 
 
@@ -163,7 +173,10 @@ def _op_values(op: str, value, hi, n: int) -> tuple[list[float], list[float]]:
             raise ValueError(f"hi: only used with op='clamp', got op={op!r}")
         if value is None:
             raise ValueError(f"value: required for op={op!r}")
-        return _per_feature(value, n, "value"), [0.0] * n
+        values = _per_feature(value, n, "value")
+        for v in values:
+            _check_magnitude(abs(v), "value", "|value|")
+        return values, [0.0] * n
     if hi is None:
         if not (isinstance(value, (tuple, list)) and len(value) == 2):
             raise ValueError("value: op='clamp' takes value=(lo, hi) or value=lo with hi= "
@@ -171,6 +184,10 @@ def _op_values(op: str, value, hi, n: int) -> tuple[list[float], list[float]]:
         value, hi = value
     lo = [(-_NO_BOUND if v is None else v) for v in _per_feature(value, n, "value", True)]
     up = [(_NO_BOUND if v is None else v) for v in _per_feature(hi, n, "hi", True)]
+    for name, bounds in (("value", lo), ("hi", up)):
+        for v in bounds:      # None (no bound) is stored as the float32 maximum
+            if abs(v) != _NO_BOUND:
+                _check_magnitude(abs(v), name, f"the clamp bound |{name}|")
     for i, (a, b) in enumerate(zip(lo, up)):
         if a > b:
             raise ValueError(f"value/hi: clamp bounds must satisfy lo <= hi, got lo={a} > "
@@ -183,9 +200,14 @@ def _op_values(op: str, value, hi, n: int) -> tuple[list[float], list[float]]:
 class _SAEIntervention(Intervention):
     _needs_layers = False
 
-    def __init__(self, sae, *, layers, site, positions, when, preserve_norm):
+    def __init__(self, sae, *, layers, site, positions, when, preserve_norm,
+                 allow_other_site=False):
         self.sae = _check_sae(sae)
-        layers, site = resolve_sae_placement(sae, layers, site, type(self).__name__)
+        if not isinstance(allow_other_site, bool):
+            raise TypeError(f"allow_other_site: expected a bool, got "
+                            f"{type(allow_other_site).__name__}")
+        layers, site = resolve_sae_placement(sae, layers, site, type(self).__name__,
+                                             allow_other_site)
         super().__init__(vectors=None, layers=layers, site=site, positions=positions, when=when,
                          preserve_norm=preserve_norm)
 
@@ -206,13 +228,16 @@ class FeatureEdit(_SAEIntervention):
     (and ``hi``) is one number or one per feature. ``layers``/``site`` default to where the SAE
     was trained; ``positions``, ``when`` (condition on the incoming h) and ``preserve_norm`` as
     for `fasteer.Add`; both need the fused path (a ReLU / JumpReLU / linear SAE), and
-    ``preserve_norm`` a single feature. See the module docstring for which path runs.
+    ``preserve_norm`` a single feature. ``allow_other_site=True`` lets ``layers``/``site``
+    name a place the SAE was not trained at (a warning instead of a ValueError). See the
+    module docstring for which path runs.
 
     The encoder columns and decoder rows of a fused edit are read when the edit is built.
     """
 
     def __init__(self, sae, feature, op: str = "add", value=None, hi=None, *, layers=None,
-                 site=None, positions="all", when=None, preserve_norm: bool = False):
+                 site=None, positions="all", when=None, preserve_norm: bool = False,
+                 allow_other_site: bool = False):
         _check_sae(sae)
         self.features, self._scalar = _feature_ids(sae, feature)
         self.op = op
@@ -231,7 +256,7 @@ class FeatureEdit(_SAEIntervention):
                 "jointly, and norm preservation is per single edit; use one feature, or "
                 "several FeatureEdits (each then sees the previous one's result)")
         super().__init__(sae, layers=layers, site=site, positions=positions, when=when,
-                         preserve_norm=preserve_norm)
+                         preserve_norm=preserve_norm, allow_other_site=allow_other_site)
         if self.fused:
             self._fused_features = [self._read_feature(sae, k) for k in self.features]
         else:
@@ -292,19 +317,20 @@ class SAEReplace(_SAEIntervention):
     ``edits``: ``{feature: value}`` (set), or a list of ``(feature, op, value)`` /
     ``(feature, "clamp", lo, hi)`` tuples applied to the latents in order (a feature may
     appear more than once); None or empty for the plain reconstruction. ``layers``/``site``
-    default to where the SAE was trained; ``positions`` as for `fasteer.Add`. Runs the full
+    default to where the SAE was trained (``allow_other_site=True`` to apply it elsewhere, as
+    for `FeatureEdit`); ``positions`` as for `fasteer.Add`. Runs the full
     SAE op (`fasteer.ops.sae_replace_`): reads all of W_enc and W_dec for every edited token.
     """
 
     def __init__(self, sae, edits=None, *, keep_error: bool = True, layers=None, site=None,
-                 positions="all"):
+                 positions="all", allow_other_site: bool = False):
         _check_sae(sae)
         if not isinstance(keep_error, bool):
             raise TypeError(f"keep_error: expected a bool, got {type(keep_error).__name__}")
         self.keep_error = keep_error
         self.edits = self._parse_edits(sae, edits)
         super().__init__(sae, layers=layers, site=site, positions=positions, when=None,
-                         preserve_norm=False)
+                         preserve_norm=False, allow_other_site=allow_other_site)
 
     @staticmethod
     def _parse_edits(sae: SAE, edits) -> tuple:

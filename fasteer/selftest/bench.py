@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import layout as L
-from ..ops import steer_norm_
+from ..ops import _steer_norm_fast_
 
 
 def _tables(d, device, steered):
@@ -55,7 +55,7 @@ def bench_steer_norm(backends, d=4096, dtype=torch.bfloat16, decode_rows=(1, 8, 
                 tabs = _tables(d, device, steered)
 
                 def call():
-                    steer_norm_(h, out, slot, gate, *tabs, weight, backend=backend, validate=False)
+                    _steer_norm_fast_(h, out, slot, gate, *tabs, weight, backend=backend)
 
                 eager_us = _time_cuda(call, 200 if rows <= 64 else 50)
                 graph_us = None

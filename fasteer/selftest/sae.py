@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from ..ops import layout as L
-from ..ops import sae_replace_
+from ..ops import _sae_replace_fast_, sae_replace_
 
 # bf16 weights round the activation side of each product to bf16 (see kernels/sae_fused.py)
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
@@ -71,8 +71,8 @@ def bench_sae(backend, device="cuda", d=4096, f=65536, dtype=torch.bfloat16):
     rows = []
     for act in (L.ACT_JUMPRELU, L.ACT_TOPK):
         h, args = _case(1, d, f, dtype, act, device, seed=1)
-        us = _time_cuda(lambda: sae_replace_(h, *args, activation=act, k=64, backend=backend,
-                                             validate_inputs=False), 50)
+        us = _time_cuda(lambda: _sae_replace_fast_(h, *args, activation=act, k=64,
+                                                   backend=backend), 50)
         weight_bytes = 2 * d * f * torch.tensor([], dtype=dtype).element_size()
         rows.append(dict(op="sae_replace", backend=backend, activation=act, d=d, d_sae=f,
                          us=us, weight_gbps=weight_bytes / (us * 1e-6) / 1e9))

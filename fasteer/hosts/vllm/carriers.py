@@ -106,17 +106,16 @@ class NormCarrier:
         t = self.tables
         out = torch.empty_like(x)
         kw = dict(norm_kind=L.NORM_RMS, eps=num["eps"], weight_offset=num["weight_offset"],
-                  cast_before_weight=num["cast_before_weight"], backend=self.backend,
-                  validate=False)
+                  cast_before_weight=num["cast_before_weight"], backend=self.backend)
         if residual is None:
-            ops.steer_norm_(x, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
+            ops._steer_norm_fast_(x, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
             return out
-        add = getattr(ops, "add_steer_norm_", None)
+        add = getattr(ops, "_add_steer_norm_fast_", None)
         if add is not None:
             add(residual, x, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
         else:  # the op without the fused add: one extra pass over the rows
             residual.add_(x)
-            ops.steer_norm_(residual, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
+            ops._steer_norm_fast_(residual, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
         return out, residual
 
 

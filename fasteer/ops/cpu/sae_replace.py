@@ -23,6 +23,8 @@ from ..reference.sae_replace import edit_latents, encode
 def _first_columns(feats: torch.Tensor) -> torch.Tensor:
     """For each row and edit column j, the first column j' <= j editing the same feature
     (a feature edited twice in a slot is one latent, edited in order)."""
+    if feats.shape[-1] == 0:                                  # no edit columns (K = 0)
+        return torch.zeros(feats.shape, dtype=torch.long, device=feats.device)
     same = feats.unsqueeze(2) == feats.unsqueeze(1)           # [R, K, K]
     return same.to(torch.uint8).argmax(-1)                    # argmax: the first maximum
 

@@ -25,6 +25,8 @@ def steer_norm_cpu(h, out, slot, gate, meta, params, bank, weight, bias, norm_ki
     ``addend`` (like h, or None): every row of h becomes round(h + addend) first
     (`fasteer.ops.add_steer_norm_`)."""
     n, d = h.shape
+    if n == 0:
+        return  # empty tensors may have no storage (data_ptr 0): nothing to do
     _C.steer_norm(
         h.data_ptr(), _ptr(out), n, d, h.stride(0), 0 if out is None else out.stride(0),
         DTYPE_CODES[h.dtype], slot.data_ptr(), gate.data_ptr(), meta.data_ptr(),
