@@ -93,7 +93,7 @@ def test_equal_steering_has_one_canonical_form_and_salt():
     (7, "expected a list"),
     ([{"add": "nope"}], "unknown vector id 'nope'"),
     ([{"add": "narrow"}], "width 8"),
-    ([{"add": "v", "alpha": "lots"}], "alpha: expected a number"),
+    ([{"add": "v", "alpha": "lots"}], "alpha: expected a real number"),
     ([{"add": "v", "alpha": float("inf")}], "finite"),
     ([{"add": "v", "layers": [9]}], "out of range"),
     ([{"add": "v", "layers": "1"}], "list of ints"),

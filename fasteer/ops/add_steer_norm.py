@@ -37,6 +37,19 @@ def _run_op(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, 
          norm_kind, eps, weight_offset, cast_before_weight, backend, _rows(x))
 
 
+def _call(run, h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+          weight_offset, cast_before_weight, backend):
+    """Eager: ``run`` directly (no dispatcher round trip); traced: the registered op."""
+    if _eager():
+        run(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+            weight_offset, cast_before_weight, backend)
+    else:
+        torch.ops.fasteer.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias,
+                                          int(norm_kind), float(eps), float(weight_offset),
+                                          bool(cast_before_weight), backend)
+    return out
+
+
 def _check_layout_add(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind):
     _check_layout(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
     if norm_kind == L.NORM_NONE:
@@ -116,14 +129,8 @@ def add_steer_norm_(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, slot: t
     if norm_kind == L.NORM_NONE:
         raise ValueError("norm_kind: add_steer_norm_ needs a norm (NORM_RMS or NORM_LAYER)")
     _validate_addend(h, x, out)
-    if _eager():
-        _run_op(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                weight_offset, cast_before_weight, backend)
-    else:
-        torch.ops.fasteer.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias,
-                                          int(norm_kind), float(eps), float(weight_offset),
-                                          bool(cast_before_weight), backend)
-    return out
+    return _call(_run_op, h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                 weight_offset, cast_before_weight, backend)
 
 
 def _add_steer_norm_fast_(h, x, out, slot, gate, meta, params, bank, weight=None, bias=None, *,
@@ -132,12 +139,5 @@ def _add_steer_norm_fast_(h, x, out, slot, gate, meta, params, bank, weight=None
     """The carriers' entry point, for tables validated when they were built
     (`fasteer.ops.steer_norm._steer_norm_fast_`): every argument's layout is checked, the
     table values and slot range are not re-read. Not public API."""
-    backend = dispatch.requested_backend(backend)
-    if _eager():
-        _impl(h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-              weight_offset, cast_before_weight, backend)
-    else:
-        torch.ops.fasteer.add_steer_norm_(h, x, out, slot, gate, meta, params, bank, weight, bias,
-                                          int(norm_kind), float(eps), float(weight_offset),
-                                          bool(cast_before_weight), backend)
-    return out
+    return _call(_impl, h, x, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                 weight_offset, cast_before_weight, dispatch.requested_backend(backend))

@@ -113,6 +113,19 @@ def _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_
                     weight_offset, cast_before_weight, backend)
 
 
+def _call_steer_norm(run, h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
+                     weight_offset, cast_before_weight, backend):
+    """Eager: ``run`` directly (no dispatcher round trip); traced: the registered op."""
+    if _eager():
+        run(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weight_offset,
+            cast_before_weight, backend)
+    else:
+        torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
+                                      int(norm_kind), float(eps), float(weight_offset),
+                                      bool(cast_before_weight), backend)
+    return out
+
+
 def _steer_run(h, slot, gate, meta, params, bank, backend):
     _run(_rows(h), None, _flat(slot), _flat(gate), meta, params, bank, None, None,
          L.NORM_NONE, 0.0, 0.0, True, backend)
@@ -340,14 +353,8 @@ def steer_norm_(h: torch.Tensor, out: torch.Tensor, slot: torch.Tensor, gate: to
         raise ValueError("norm_kind: steer_norm_ needs a norm; use steer_ to edit only")
     backend = dispatch.requested_backend(backend)
     _validate_call(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind)
-    if _eager():
-        _steer_norm_run(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                        weight_offset, cast_before_weight, backend)
-    else:
-        torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
-                                      int(norm_kind), float(eps), float(weight_offset),
-                                      bool(cast_before_weight), backend)
-    return out
+    return _call_steer_norm(_steer_norm_run, h, out, slot, gate, meta, params, bank, weight,
+                            bias, norm_kind, eps, weight_offset, cast_before_weight, backend)
 
 
 def steer_(h: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, meta: torch.Tensor,
@@ -396,15 +403,9 @@ def _steer_norm_out_of_place(h, slot, gate, meta, params, bank, weight, bias, no
 def _steer_norm_fast_(h, out, slot, gate, meta, params, bank, weight=None, bias=None, *,
                       norm_kind=L.NORM_RMS, eps=1e-6, weight_offset=0.0,
                       cast_before_weight=True, backend=None):
-    backend = dispatch.requested_backend(backend)
-    if _eager():
-        _steer_norm_impl(h, out, slot, gate, meta, params, bank, weight, bias, norm_kind, eps,
-                         weight_offset, cast_before_weight, backend)
-    else:
-        torch.ops.fasteer.steer_norm_(h, out, slot, gate, meta, params, bank, weight, bias,
-                                      int(norm_kind), float(eps), float(weight_offset),
-                                      bool(cast_before_weight), backend)
-    return out
+    return _call_steer_norm(_steer_norm_impl, h, out, slot, gate, meta, params, bank, weight,
+                            bias, norm_kind, eps, weight_offset, cast_before_weight,
+                            dispatch.requested_backend(backend))
 
 
 def _steer_fast_(h, slot, gate, meta, params, bank, *, backend=None):

@@ -36,8 +36,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
-import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,12 +150,11 @@ def salt(raw) -> str:
 
 
 def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SpecError(f"{where}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise SpecError(f"{where}: expected a finite number, got {value}")
-    return value
+    from fasteer.interventions import _as_number
+    try:
+        return _as_number(value, where)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(str(exc)) from None
 
 
 def parse(raw, registry: Registry, n_layers: int, hidden: int) -> tuple:
