@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from fasteer import ops
 from fasteer.ops import layout as L
 
 # model_type -> attribute of the norm that reads resid_mid
@@ -82,6 +83,10 @@ class NormCarrier:
     def __init__(self, module: nn.Module, tables, buffers: StepBuffers, backend: str | None):
         self.module, self.tables, self.buffers, self.backend = module, tables, buffers, backend
         self.numerics = norm_numerics(module)
+        num = self.numerics
+        self._op_kwargs = dict(norm_kind=L.NORM_RMS, eps=num["eps"],
+                               weight_offset=num["weight_offset"],
+                               cast_before_weight=num["cast_before_weight"], backend=backend)
         self._had_forward = "forward" in module.__dict__
         self._old_forward = module.__dict__.get("forward")
 
@@ -95,27 +100,19 @@ class NormCarrier:
             del self.module.forward
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        from fasteer import ops
-
-        num = self.numerics
-        weight = num["weight"]
+        weight = self.numerics["weight"]
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         n = x.shape[0]
         slot, gate = self.buffers.slot[:n], self.buffers.gate[:n]
         t = self.tables
         out = torch.empty_like(x)
-        kw = dict(norm_kind=L.NORM_RMS, eps=num["eps"], weight_offset=num["weight_offset"],
-                  cast_before_weight=num["cast_before_weight"], backend=self.backend)
         if residual is None:
-            ops._steer_norm_fast_(x, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
+            ops._steer_norm_fast_(x, out, slot, gate, t.meta, t.params, t.bank, weight,
+                                  **self._op_kwargs)
             return out
-        add = getattr(ops, "_add_steer_norm_fast_", None)
-        if add is not None:
-            add(residual, x, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
-        else:  # the op without the fused add: one extra pass over the rows
-            residual.add_(x)
-            ops._steer_norm_fast_(residual, out, slot, gate, t.meta, t.params, t.bank, weight, **kw)
+        ops._add_steer_norm_fast_(residual, x, out, slot, gate, t.meta, t.params, t.bank,
+                                  weight, **self._op_kwargs)
         return out, residual
 
 

@@ -165,11 +165,13 @@ def _wrap_model_forward(original):
 
 def route_step(runner, steering) -> None:
     """The V1 runner's batch view -> per-token slots (see `fasteer.hosts.vllm.routing`)."""
-    from .steering import spec_of
-
     batch = runner.input_batch
     n = batch.num_reqs
-    specs = [spec_of(runner.requests[rid].sampling_params) for rid in batch.req_ids[:n]]
+    requests = runner.requests
+    keys = [steering.request_key(rid, requests[rid].sampling_params)
+            for rid in batch.req_ids[:n]]
+    if len(steering._request_keys) > 2 * len(requests) + 16:
+        steering.forget_requests(requests)
     qsl = np.asarray(runner.query_start_loc.np[:n + 1])
-    steering.prepare_step(specs, qsl, np.asarray(batch.num_computed_tokens_cpu[:n]),
+    steering.prepare_step(keys, qsl, np.asarray(batch.num_computed_tokens_cpu[:n]),
                           np.asarray(batch.num_prompt_tokens[:n]))

@@ -68,6 +68,7 @@ class VllmSteering:
                          for key, module in self.sites.modules.items()]
         self._specs: dict[str, tuple] = {}        # canonical spec -> interventions
         self._planned: list[str] = []             # plan request index -> canonical spec
+        self._request_keys: dict[str, tuple] = {}  # request id -> (sampling params, spec key)
         self._lut = np.full((1, N_CLASSES), -1, dtype=np.int32)
         self._high_water = 0
         for c in self.carriers:
@@ -108,17 +109,28 @@ class VllmSteering:
         self._lut, self._planned = lut, list(keys)
 
     # ------------------------------------------------------------------ per step
-    def prepare_step(self, req_specs: list, query_start_loc: np.ndarray,
-                     num_computed: np.ndarray, prompt_len: np.ndarray) -> None:
-        """Route one step: ``req_specs[i]`` is request i's raw spec (None: unsteered)."""
-        keys = []
-        for raw in req_specs:
-            if raw is None:
-                keys.append(None)
-                continue
-            key = canonical(raw)
+    def request_key(self, req_id: str, sampling_params) -> str | None:
+        """The canonical spec of a running request (None: unsteered), parsed and lowered
+        once, when the request is first seen, not at every engine step."""
+        hit = self._request_keys.get(req_id)
+        if hit is not None and hit[0] is sampling_params:
+            return hit[1]
+        raw = spec_of(sampling_params)
+        key = None if raw is None else canonical(raw)
+        if key is not None:
             self.interventions(key, raw)
-            keys.append(key)
+        self._request_keys[req_id] = (sampling_params, key)
+        return key
+
+    def forget_requests(self, running) -> None:
+        """Drop cached keys of requests that are no longer in ``running`` (a container of
+        request ids)."""
+        self._request_keys = {r: v for r, v in self._request_keys.items() if r in running}
+
+    def prepare_step(self, keys: list, query_start_loc: np.ndarray,
+                     num_computed: np.ndarray, prompt_len: np.ndarray) -> None:
+        """Route one step: ``keys[i]`` is request i's canonical spec (`request_key`; None:
+        unsteered)."""
         wanted = [k for k in dict.fromkeys(keys) if k is not None]
         if any(k not in self._planned for k in wanted):
             self.plan(wanted)
@@ -138,10 +150,6 @@ class VllmSteering:
         host[:n] = slots
         self.buffers.slot[:host.shape[0]].copy_(torch.from_numpy(host), non_blocking=False)
         self._high_water = n
-
-    def clear_step(self) -> None:
-        """Every token untouched (dummy / profiling runs)."""
-        self.write_slots(np.zeros(0, dtype=np.int32))
 
 
 def spec_of(sampling_params):
