@@ -1,4 +1,4 @@
-"""`fasteer` command line: demo | info | extract | generate | sweep | bench.
+"""`fasteer` command line: demo | info | extract | generate | sweep | bench | eval.
 
 Each command lives in its own module under `fasteer.commands` and is imported only when
 run, so `fasteer info` stays fast and never touches CUDA unless asked to report it.
@@ -18,6 +18,8 @@ COMMANDS = {
     "generate": ("fasteer.commands.generate", "generate with a steering vector"),
     "sweep": ("fasteer.commands.sweep", "alpha sweep as one batched generate, table + PNG"),
     "bench": ("fasteer.commands.bench", "run the CPU benchmark set"),
+    "eval": ("fasteer.commands.eval", "concept score, fluency and their combination per "
+             "steering strength, with intervals"),
 }
 
 

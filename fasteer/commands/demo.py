@@ -1,7 +1,8 @@
 """`fasteer demo`: steering you can see, in under a minute, with no model of your own.
 
 1. load the embedded demo model (a 4-layer Llama trained on a synthetic sentiment
-   language; or --model: any HF causal LM),
+   language; or --model smollm2 / gemma3 / any English HF causal LM: then the story is
+   told on the real model by `demo_real`, judged by a sentiment lexicon),
 2. extract a CAA (difference-of-means) sentiment vector from contrastive prompts,
 3. continue neutral prompts at several alphas -- all alphas in ONE batched generate,
    each block of rows with its own steering (per-row slots),
@@ -35,6 +36,9 @@ def add_arguments(parser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--sae", action="store_true",
                         help="also steer and watch the demo SAE's sentiment feature")
+    parser.add_argument("--plot", default=None,
+                        help="with a real --model: PNG to write (default: "
+                             "fasteer-demo-<model>.png)")
 
 
 def run(args) -> int:
@@ -55,12 +59,21 @@ def run(args) -> int:
     if args.timing_rounds < 2:
         raise UsageError("--timing-rounds: expected at least 2 (the spread needs several)")
     is_demo = args.model == C.DEMO
+    if args.sae and not is_demo:
+        raise UsageError("--sae: the demo SAE belongs to the embedded demo model")
+    plot = None
+    if not is_demo:
+        from .demo_real import check_real_arguments
+        plot = check_real_arguments(args)
     config = C.model_config(args.model)
     n_layers = config.num_hidden_layers
     layers = C.parse_layers(args.layer, n_layers, "--layer") if args.layer is not None else \
         [world.DEMO_LAYER if is_demo else n_layers // 2]
     alphas = (C.parse_floats(args.alphas, "--alphas") if args.alphas
-              else list(world.DEMO_ALPHAS) if is_demo else [0.0, 2.0, 4.0, 8.0])
+              else list(world.DEMO_ALPHAS) if is_demo else None)
+    if alphas is None:
+        from .demo_real import REAL_ALPHAS
+        alphas = list(REAL_ALPHAS)
     if 0.0 not in alphas:
         alphas = [0.0] + alphas
     if len(set(alphas)) != len(alphas):
@@ -70,6 +83,13 @@ def run(args) -> int:
 
     print(f"model: {'embedded demo (' + str(world.DEMO_DIR) + ')' if is_demo else args.model}"
           f" · {type(model).__name__}, {n_layers} layers, D={model.config.hidden_size}")
+    if not is_demo:
+        from .demo_real import run_real_demo
+        run_real_demo(args, model, tok, layers, alphas, max_new, plot)
+        if not args.no_timing:
+            _timing(args, model, tok, None, alphas, layers)
+        print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
+        return 0
     pairs = language.contrastive_pairs(world.DEMO_PAIRS)
     vec = fs.extract.caa(model, tok, [p for p, _ in pairs], [n for _, n in pairs], layers=layers,
                          position="last", progress=False)
@@ -95,15 +115,27 @@ def run(args) -> int:
           "fasteer/demo/language.py); grammatical: share of texts the grammar parses.")
 
     if not args.no_timing:
-        steer_alpha = next((a for a in alphas if a > 0), 1.0)
-        base, steered = C.decode_overhead(model, tok, vec, steer_alpha, layers, prompts[:4],
-                                          rounds=args.timing_rounds)
-        print(f"\ndecode latency, batch 4, alpha {steer_alpha:g}: "
-              f"{C.overhead_summary(base, steered)}")
-        print("(a tiny model on a shared CPU: the spread is the machine's noise; "
-              "`fasteer bench` measures properly)")
+        _timing(args, model, tok, vec, alphas, layers, prompts[:4])
     if args.sae:
         from .demo_sae import run_sae_demo
         run_sae_demo(model, tok, prompts, max_new, args.seed)
     print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _timing(args, model, tok, vec, alphas, layers, prompts=None) -> None:
+    """Decode latency, unsteered vs steered at the first positive alpha, paired rounds."""
+    import fasteer as fs
+    if vec is None:       # a real model: a vector of the right shape and scale is enough here
+        from ..evaluate import load_concept, load_prompts
+        pos, neg = load_concept("sentiment").pairs("train")
+        vec = fs.extract.caa(model, tok, pos[:8], neg[:8], layers=layers, position="mean",
+                             progress=False)
+        prompts = load_prompts("test", 4)
+    steer_alpha = next((a for a in alphas if a > 0), 1.0)
+    base, steered = C.decode_overhead(model, tok, vec, steer_alpha, layers, prompts,
+                                      rounds=args.timing_rounds)
+    print(f"\ndecode latency, batch 4, alpha {steer_alpha:g}: "
+          f"{C.overhead_summary(base, steered)}")
+    print("(on a shared CPU the spread is the machine's noise; `fasteer bench` measures "
+          "properly)")
