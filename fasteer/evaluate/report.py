@@ -88,6 +88,21 @@ class EvalReport:
         d = asdict(self)
         return json.loads(json.dumps(d, allow_nan=False, default=float))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalReport":
+        """The inverse of `to_dict` (a saved ``.json`` report, e.g. to re-plot it)."""
+        data = dict(data)
+        for split in ("select", "test"):
+            data[split] = [AlphaScores(r["alpha"], r["n"],
+                                       {k: tuple(v) for k, v in r["scores"].items()},
+                                       [tuple(e) for e in r["examples"]])
+                           for r in data[split]]
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path) -> "EvalReport":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
     def save(self, directory, stem: str | None = None) -> dict:
         """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (the plot needs
         matplotlib) into ``directory``; returns {kind: path}."""
