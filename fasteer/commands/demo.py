@@ -23,8 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--alphas", default=None,
                         help="comma-separated alphas (default: the demo's calibrated set)")
     parser.add_argument("--layer", default=None,
-                        help="layer(s) to steer, e.g. 2 or 1,2 (default: the demo's 2; with "
-                             "--model, the middle layer)")
+                        help="layer(s) to steer, e.g. 2 or 1,2 (default: the demo's 2; "
+                             "smollm2 8, gemma3 6; another --model: a third of its depth)")
     parser.add_argument("--prompts", type=int, default=24,
                         help="neutral prompts per alpha (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -67,8 +67,11 @@ def run(args) -> int:
         plot = check_real_arguments(args)
     config = C.model_config(args.model)
     n_layers = config.num_hidden_layers
-    layers = C.parse_layers(args.layer, n_layers, "--layer") if args.layer is not None else \
-        [world.DEMO_LAYER if is_demo else n_layers // 2]
+    if args.layer is not None:
+        layers = C.parse_layers(args.layer, n_layers, "--layer")
+    else:
+        from ..models import default_layer
+        layers = [world.DEMO_LAYER if is_demo else default_layer(args.model, n_layers)]
     alphas = (C.parse_floats(args.alphas, "--alphas") if args.alphas
               else list(world.DEMO_ALPHAS) if is_demo else None)
     if alphas is None:

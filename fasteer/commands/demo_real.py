@@ -20,9 +20,10 @@ from pathlib import Path
 from ..cli import UsageError
 
 # alphas for a real model: the CAA vector (difference of mean activations) is added once
-# per unit; on SmolLM2 and Gemma-3 +1 already turns most neutral continuations positive
-# and by +4 the text falls apart (benchmarks/results/eval/ has the measured curves).
-REAL_ALPHAS = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
+# per unit. At the default layers (smollm2 8, gemma3 6) alpha 1.5-3 moves sentiment with
+# most of the fluency kept, 6 costs half of it and by 12 the text falls apart
+# (benchmarks/results/eval/ and tests/real_models/test_behaviour.py have the numbers).
+REAL_ALPHAS = (-3.0, 0.0, 1.5, 3.0, 6.0, 12.0)
 
 
 def check_real_arguments(args) -> Path:

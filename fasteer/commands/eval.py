@@ -20,8 +20,8 @@ def add_arguments(parser) -> None:
                         help="steering vector file to evaluate (default: CAA extracted from "
                              "the concept's train pairs)")
     parser.add_argument("--layers", default=None,
-                        help="e.g. '15' or '12,15' (default: the vector's layers, else the "
-                             "middle layer)")
+                        help="e.g. '8' or '8,12' (default: the vector's layers, else smollm2 "
+                             "8, gemma3 6, another model a third of its depth)")
     parser.add_argument("--alphas", default="0,0.5,1,1.5,2,3,4,6",
                         help="comma-separated strengths; alpha 0 is always added "
                              "(default: %(default)s)")
@@ -83,6 +83,9 @@ def run(args) -> int:
     config = C.model_config(args.model)
     layers = C.parse_layers(args.layers, config.num_hidden_layers)
     vec = C.load_vector(args.vector, config) if args.vector else None
+    if layers is None and vec is None:
+        from ..models import default_layer
+        layers = [default_layer(args.model, config.num_hidden_layers)]
     model, tok, _ = C.load_model(args.model, args.device, args.dtype)
     out = Path(args.out)
     command = "fasteer " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \

@@ -44,8 +44,8 @@ def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] 
     Args:
         concept: a shipped concept name (``fasteer.evaluate.concept_names()``), a JSON
             path, or a `Concept`.
-        layers: where the default CAA vector is extracted and added (default: the middle
-            layer). Ignored with ``make_interventions``.
+        layers: where the default CAA vector is extracted and added (default: a third of
+            the depth). Ignored with ``make_interventions``.
         vector: a `SteeringVector` to use instead of extracting one (added at ``layers``,
             default its own layers).
         make_interventions: ``alpha -> intervention(s)``, for any other steering
@@ -77,7 +77,7 @@ def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] 
 
     if make_interventions is None:
         if vector is None:
-            layers = list(layers) if layers is not None else [n_layers // 2]
+            layers = list(layers) if layers is not None else [max(0, n_layers // 3)]
             pos, neg = concept.pairs("train")
             vector = fs.extract.caa(model, tokenizer, pos, neg, layers=layers,
                                     position=position, progress=progress)
@@ -119,7 +119,7 @@ def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] 
         if "select" in results else None
     settings = dict(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed, n_boot=n_boot,
                     position=position, n_prompts=n_prompts,
-                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                    machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                             f"torch {torch.__version__}",
                     seconds=time.perf_counter() - t0)
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
