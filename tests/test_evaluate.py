@@ -82,8 +82,22 @@ def test_bootstrap_means_and_intervals():
 
 # --------------------------------------------------------------------------- fluency
 
-def test_continuation_nll_matches_a_float64_computation():
+class _NoKeep(torch.nn.Module):
+    """A model whose forward has no ``logits_to_keep`` (older architectures): the NLL
+    then slices the full logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["logits_to_keep", "full_logits"])
+def test_continuation_nll_matches_a_float64_computation(keep):
     model = tiny_model("llama", seed=4)
+    model = model if keep else _NoKeep(model)
     g = torch.Generator().manual_seed(5)
     P, T = 6, 5
     ids = torch.randint(3, 97, (3, P + T), generator=g)

@@ -31,12 +31,19 @@ def continuation_nll(model, sequences: torch.Tensor, attention_mask: torch.Tenso
     ``sequences``: [B, P + T] (left-padded prompts then generated ids); ``attention_mask``
     covers all of it. Returns float64 [B]. Batched so the [b, T, vocab] logits stay small.
     """
+    import inspect
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    n_new = sequences.shape[1] - prompt_len
     out = []
     for i in tqdm(range(0, sequences.shape[0], batch_size), desc=desc, unit="batch",
                   disable=not progress, leave=False):
         ids = sequences[i:i + batch_size]
         mask = attention_mask[i:i + batch_size]
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_len - 1:-1]
+        if keep:       # logits only where they are read (a 262k vocabulary makes the rest costly)
+            logits = model(input_ids=ids, attention_mask=mask,
+                           logits_to_keep=n_new + 1).logits[:, :-1]
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_len - 1:-1]
         target = ids[:, prompt_len:]
         logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, target[..., None])[..., 0]
         out.append(-logp.mean(1))
