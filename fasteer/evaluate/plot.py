@@ -35,7 +35,7 @@ def plot_report(report, path: Path) -> None:
     short = report.intervention.split(" — ")[0]
     ax.set_title(f"fasteer eval · {report.concept} · {Path(report.model).name}\n"
                  f"{short} at layer(s) {report.layers} · n = {n} prompts per α", fontsize=9)
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="best", fontsize=7, framealpha=0.85)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

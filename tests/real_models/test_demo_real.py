@@ -20,7 +20,7 @@ def test_demo_on_a_real_model_prints_the_table_and_saves_the_plot(name, tmp_path
     plot = tmp_path / "demo.png"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "fasteer", "demo", "--model", name,
-                          "--prompts", "3", "--max-new-tokens", "6", "--alphas", "-3,3",
+                          "--prompts", "3", "--max-new-tokens", "6", "--alphas=-3,3",
                           "--timing-rounds", "2", "--plot", str(plot)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
