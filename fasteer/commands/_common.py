@@ -54,6 +54,14 @@ def preflight(device: str) -> torch.device:
     return dev
 
 
+def check_model_name(name: str) -> None:
+    """The cheap part of checking --model (no loading, no converting): a path that looks
+    local must exist."""
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if name != DEMO and looks_local and not Path(name).expanduser().exists():
+        raise UsageError(f"--model: no such path: {name}")
+
+
 def resolve_model(name: str) -> str:
     """A packaged model's name ('smollm2', 'gemma3') -> its converted HF folder (converting
     once); anything else is returned as given. Missing packages are a UsageError naming

@@ -63,6 +63,7 @@ def run(args) -> int:
         raise UsageError("--sae: the demo SAE belongs to the embedded demo model")
     plot = None
     if not is_demo:
+        C.check_model_name(args.model)
         from .demo_real import check_real_arguments
         plot = check_real_arguments(args)
     config = C.model_config(args.model)

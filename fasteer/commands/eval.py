@@ -63,14 +63,15 @@ def run(args) -> int:
     alphas = C.parse_floats(args.alphas, "--alphas")
     if len(set(alphas)) != len(alphas):
         raise UsageError("--alphas: values must be distinct")
-    _check_judges(concepts)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError("--threads: expected a positive number")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads: expected a positive number")
     if args.model == C.DEMO:
         raise UsageError("--model: the embedded demo model speaks a toy language the judges "
                          "cannot read; use smollm2, gemma3 or your own model")
+    C.check_model_name(args.model)
+    _check_judges(concepts)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = C.model_config(args.model)
     layers = C.parse_layers(args.layers, config.num_hidden_layers)
     vec = C.load_vector(args.vector, config) if args.vector else None
