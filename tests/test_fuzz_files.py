@@ -264,6 +264,17 @@ def test_fuzz_saelens_cfg(tmp_path, edits, deep):
         cfg_path.write_text(original)
 
 
+def load_sae_with_mutated_file(folder: Path, file: Path, ops) -> None:
+    """Mutate ``file`` of the SAE in ``folder``, load it (a clean SAE or a FileFormatError),
+    then restore the file for the next example."""
+    original = file.read_bytes()
+    file.write_bytes(mutate(original, ops))
+    try:
+        check_sae(load_or_format_error(lambda: SAE.load(folder), file))
+    finally:
+        file.write_bytes(original)
+
+
 @FUZZ
 @given(ops=mutations, which=st.sampled_from(["saelens", "sparsify"]))
 def test_fuzz_sae_safetensors_bytes(tmp_path, ops, which):
@@ -273,12 +284,7 @@ def test_fuzz_sae_safetensors_bytes(tmp_path, ops, which):
     else:
         folder = sparsify_folder(tmp_path)
         weights = folder / "sae.safetensors"
-    original = weights.read_bytes()
-    weights.write_bytes(mutate(original, ops))
-    try:
-        check_sae(load_or_format_error(lambda: SAE.load(folder), weights))
-    finally:
-        weights.write_bytes(original)
+    load_sae_with_mutated_file(folder, weights, ops)
 
 
 def sparsify_folder(root: Path) -> Path:
@@ -323,12 +329,7 @@ def test_fuzz_gemma_scope_bytes(tmp_path, ops, compressed):
             arrays = {k: a[k] for k in a.files}
         np.savez_compressed(params, **arrays)
         (folder / "z").mkdir()
-    original = params.read_bytes()
-    params.write_bytes(mutate(original, ops))
-    try:
-        check_sae(load_or_format_error(lambda: SAE.load(folder), params))
-    finally:
-        params.write_bytes(original)
+    load_sae_with_mutated_file(folder, params, ops)
 
 
 npy_headers = st.one_of(

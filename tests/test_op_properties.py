@@ -203,6 +203,15 @@ def call_public(a, backend):
                            backend=backend)
 
 
+def _assert_refused_untouched(a, call, brk) -> None:
+    """Both backends raise a documented error for ``a`` and leave ``h`` as it was."""
+    for backend in ("cpu", "reference"):
+        before = a["h"].clone()
+        with pytest.raises(DOCUMENTED):
+            call(a, backend)
+        assert torch.equal(a["h"], before), f"{brk}: h written before the error ({backend})"
+
+
 @needs_cpu
 @SETTINGS
 @given(steer_case(), st.sampled_from((None,) + LAYOUT_BREAKS + VALUE_BREAKS))
@@ -224,11 +233,7 @@ def test_steer_norm_public_matches_reference_or_raises(c, brk):
                           backend="cpu")
         assert torch.equal(a2["h"], a["h"]) and torch.equal(a2["out"].isnan(), a["out"].isnan())
         return
-    for backend in ("cpu", "reference"):
-        before = a["h"].clone()
-        with pytest.raises(DOCUMENTED):
-            call_public(a, backend)
-        assert torch.equal(a["h"], before), f"{brk}: h written before the error ({backend})"
+    _assert_refused_untouched(a, call_public, brk)
 
 
 @needs_cpu
@@ -386,8 +391,4 @@ def test_sae_replace_matches_reference_or_raises(c, brk):
             float(h_in.float().abs().max() if h_in.numel() else 0)
         torch.testing.assert_close(a["h"].float(), want.float(), rtol=tol, atol=tol * scale)
         return
-    for backend in ("cpu", "reference"):
-        before = a["h"].clone()
-        with pytest.raises(DOCUMENTED):
-            sae_call(a, backend)
-        assert torch.equal(a["h"], before), f"{brk}: h written before the error ({backend})"
+    _assert_refused_untouched(a, sae_call, brk)

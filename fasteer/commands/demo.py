@@ -89,9 +89,10 @@ def run(args) -> int:
           f" · {type(model).__name__}, {n_layers} layers, D={model.config.hidden_size}")
     if not is_demo:
         from .demo_real import run_real_demo
-        run_real_demo(args, model, tok, layers, alphas, max_new, plot)
+        vec = run_real_demo(args, model, tok, layers, alphas, max_new, plot)
         if not args.no_timing:
-            _timing(args, model, tok, None, alphas, layers)
+            from ..evaluate import load_prompts
+            _timing(args, model, tok, vec, alphas, layers, load_prompts("test", 4))
         print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
         return 0
     pairs = language.contrastive_pairs(world.DEMO_PAIRS)
@@ -127,15 +128,8 @@ def run(args) -> int:
     return 0
 
 
-def _timing(args, model, tok, vec, alphas, layers, prompts=None) -> None:
+def _timing(args, model, tok, vec, alphas, layers, prompts) -> None:
     """Decode latency, unsteered vs steered at the first positive alpha, paired rounds."""
-    import fasteer as fs
-    if vec is None:       # a real model: a vector of the right shape and scale is enough here
-        from ..evaluate import load_concept, load_prompts
-        pos, neg = load_concept("sentiment").pairs("train")
-        vec = fs.extract.caa(model, tok, pos[:8], neg[:8], layers=layers, position="mean",
-                             progress=False)
-        prompts = load_prompts("test", 4)
     steer_alpha = next((a for a in alphas if a > 0), 1.0)
     base, steered = C.decode_overhead(model, tok, vec, steer_alpha, layers, prompts,
                                       rounds=args.timing_rounds)

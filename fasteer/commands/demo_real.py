@@ -42,12 +42,18 @@ def check_real_arguments(args) -> Path:
     return plot
 
 
-def run_real_demo(args, model, tok, layers, alphas, max_new, plot: Path) -> None:
+def run_real_demo(args, model, tok, layers, alphas, max_new, plot: Path):
+    """Runs the demo; returns the steering vector (the latency measurement reuses it)."""
     from ..evaluate import evaluate
+    from ..evaluate.run import caa_vector
 
-    report = evaluate(model, tok, "sentiment", layers=layers, alphas=alphas,
+    vec = caa_vector(model, tok, "sentiment", layers, position="mean", progress=True)
+    norms = ", ".join(f"{float(vec[l].norm()):.1f}" for l in layers)
+    report = evaluate(model, tok, "sentiment", layers=layers, alphas=alphas, vector=vec,
                       n_prompts=args.prompts, max_new_tokens=max_new, seed=args.seed,
-                      model_name=args.model, splits=("test",), examples=1, progress=True)
+                      model_name=args.model, splits=("test",), examples=1, progress=True,
+                      description=f"Add(CAA vector, α) — difference of mean activations over "
+                                  f"the 48 shipped train pairs, |v| = {norms}")
     print(f"CAA sentiment vector at layer(s) {layers}: {report.intervention}")
     print(f"one batched generate: {len(report.test)} alphas x {report.test[0].n} prompts, "
           f"{max_new} sampled tokens each\n")
@@ -65,3 +71,4 @@ def run_real_demo(args, model, tok, layers, alphas, max_new, plot: Path) -> None
     from ..evaluate.plot import plot_report
     plot_report(report, plot)
     print(f"wrote {plot}")
+    return vec

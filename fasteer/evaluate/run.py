@@ -32,6 +32,16 @@ from .sweep import sweep_ids
 DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
+def caa_vector(model, tokenizer, concept: str | Concept, layers: Sequence[int], *,
+               position: str = "mean", progress: bool = True):
+    """The default steering of `evaluate`: CAA over the concept's ``train`` pairs."""
+    import fasteer as fs
+    concept = concept if isinstance(concept, Concept) else load_concept(concept)
+    pos, neg = concept.pairs("train")
+    return fs.extract.caa(model, tokenizer, pos, neg, layers=list(layers), position=position,
+                          progress=progress)
+
+
 def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] | None = None,
              alphas: Sequence[float] = DEFAULT_ALPHAS, vector=None,
              make_interventions: Callable | None = None, description: str | None = None,
@@ -76,20 +86,22 @@ def evaluate(model, tokenizer, concept: str | Concept, *, layers: Sequence[int] 
     judge = make_judge(concept)        # before generating: a missing judge stops here
 
     if make_interventions is None:
-        if vector is None:
+        extracted = vector is None
+        if extracted:
             layers = list(layers) if layers is not None else [max(0, n_layers // 3)]
-            pos, neg = concept.pairs("train")
-            vector = fs.extract.caa(model, tokenizer, pos, neg, layers=layers,
-                                    position=position, progress=progress)
+            vector = caa_vector(model, tokenizer, concept, layers, position=position,
+                                progress=progress)
         layers = list(layers) if layers is not None else list(vector.layers)
         vec = vector
 
         def make_interventions(a):
             return fs.Add(vec, alpha=a, layers=layers)
         norms = ", ".join(f"{float(vector[l].norm()):.1f}" for l in layers)
-        description = description or (f"Add(CAA vector, α) — difference of {position} "
-                                       f"activations over {len(concept.pairs()[0])} train "
-                                       f"pairs, |v| = {norms}")
+        source = (f"difference of {position} activations over {len(concept.pairs()[0])} "
+                  f"train pairs" if extracted else
+                  f"a given vector ({vector.metadata.get('method', 'method not recorded')})")
+        description = description or (f"Add({'CAA ' if extracted else ''}vector, α) — "
+                                       f"{source}, |v| = {norms}")
     else:
         layers = list(layers) if layers is not None else []
         description = description or "custom interventions"
