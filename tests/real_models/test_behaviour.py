@@ -5,8 +5,9 @@ SmolLM2-135M-Instruct and Gemma-3-270M, judged offline (`fasteer.evaluate`): all
 shipped neutral prompts (both splits) continue at alpha 0, a moderate and a large alpha in
 ONE batched generate per split (per-row slots), 24 sampled tokens each.
 
-The margins were set from three sampling seeds per model (run with alphas 0, 2, 3, 12;
-the measured numbers are in the comments) and this test's own batch (alphas 0, 3, 12,
+The margins were set from three sampling seeds per model (run with alphas 0, 2, 3, 12:
+``fasteer eval --model smollm2 --concept sentiment --alphas 0,2,3,12 --max-new-tokens 24
+--seed S``, the two prompt splits averaged; the measured numbers are in the comments) and this test's own batch (alphas 0, 3, 12,
 seed 0: another batch composition, so another random stream), so that each assertion
 holds with room, and each would fail if steering did nothing or broke the model at
 moderate strength. The concept score is a share of 48 binary verdicts: its standard
