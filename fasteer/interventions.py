@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from .ops import layout as L
-from .plan import POSITION_RULES, Edit, LoweredCondition, LoweringContext
+from .plan import MAX_POSITIONS, POSITION_RULES, Edit, LoweredCondition, LoweringContext
 from .sites import SITES
 
-__all__ = ["Intervention", "Add", "Clamp", "Ablate", "Scale", "Condition", "Cosine",
-           "Projection"]
+__all__ = ["Intervention", "Add", "Clamp", "Ablate", "Scale", "DynScale", "Condition",
+           "Cosine", "Projection"]
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -299,13 +299,53 @@ class Intervention:
                 f"site={self.site!r}, positions={pos!r}{extra})")
 
 
+def _split_positions(value, name: str):
+    """Per-position vectors: a [P, D] tensor or a {layer: [P, D]} mapping -> (a value
+    `_Vectors` accepts: each layer's first row, only for checks; {layer or None: [P, D]}),
+    or (value, None) when ``value`` holds 1-D vectors."""
+    def two_d(t):
+        return isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 2
+    if two_d(value):
+        rows = _as_rows_tensor(value, name)
+        return rows[0], {None: rows}
+    if isinstance(value, Mapping) and value and all(two_d(v) for v in value.values()):
+        rows = {k: _as_rows_tensor(v, f"{name}[{k}]") for k, v in value.items()}
+        return {k: r[0] for k, r in rows.items()}, rows
+    return value, None
+
+
+def _as_rows_tensor(value, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value).detach().to("cpu", torch.float32)
+    if t.shape[0] == 0 or t.shape[0] > MAX_POSITIONS:
+        raise ValueError(f"{name}: expected 1..{MAX_POSITIONS} per-position vectors [P, D], "
+                         f"got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return t.contiguous()
+
+
 class Add(Intervention):
-    """h <- h + alpha * v (CAA, instruction vectors, FGAA)."""
+    """h <- h + alpha * v (CAA, instruction vectors, FGAA).
+
+    ``vector`` may also hold *per-position* vectors: a [P, D] tensor (or a
+    ``{layer: [P, D]}`` mapping) adds row i to the prompt token at index i of its row
+    (counting real tokens from 0, like per-position `Scale` factors); prompt tokens past
+    P-1 and generated tokens are left alone. The SteerVec baseline of activation scaling
+    (`fasteer.extract.scaling`) applies this way.
+    """
 
     def __init__(self, vector, alpha=1.0, *, layers=None, site=None, positions="all", when=None,
                  preserve_norm: bool = False):
         self.alpha = _as_number(alpha, "alpha")
+        vector, self._per_position = _split_positions(vector, "vector")
         vectors = _Vectors(vector, "vector")
+        if self._per_position is not None:
+            vectors_all = list(self._per_position.values())
+            _check_magnitude(abs(self.alpha) * max(float(v.abs().max()) for v in vectors_all),
+                             "alpha", "|alpha| * max|vector|")
+            if not (isinstance(positions, str) and positions in ("all", "prompt")):
+                raise ValueError("positions: per-position vectors add to prompt tokens by their "
+                                 "index; use positions='prompt' (or 'all')")
         largest = max(float(v.abs().max()) for v in
                       ([vectors.single] if vectors.single is not None else
                        vectors.per_layer.values()))
@@ -316,6 +356,18 @@ class Add(Intervention):
     def _edit(self, layer, ctx):
         return Edit(kind=L.ADD, u=self._vectors.at(layer, ctx.hidden), p=(self.alpha,),
                     **self._common(layer, ctx))
+
+    def lower(self, ctx: LoweringContext) -> list[Edit]:
+        if self._per_position is None:
+            return super().lower(ctx)
+        edits = []
+        for layer in self.resolved_layers(ctx):
+            rows = self._per_position.get(layer, self._per_position.get(None))
+            self._vectors.at(layer, ctx.hidden)          # checks the width
+            common = self._common(layer, ctx)
+            edits.extend(Edit(kind=L.ADD, u=rows[i], p=(self.alpha,), position=i, **common)
+                         for i in range(rows.shape[0]) if bool(rows[i].any()))
+        return edits
 
 
 def _as_layer_values(value, name: str) -> dict[int, float]:
@@ -396,17 +448,118 @@ class Ablate(Intervention):
         return Edit(kind=L.ABLATE, u=u, **self._common(layer, ctx))
 
 
+def _as_factors(value, name: str):
+    """A number, or a 1-D sequence/tensor of per-position factors (float64 list)."""
+    if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)) and not (
+            isinstance(value, torch.Tensor) and value.dim() == 0):
+        t = torch.as_tensor(np.asarray(value) if isinstance(value, (list, tuple)) else value)
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"{name}: expected a number or a 1-D sequence of per-position "
+                             f"factors [P], got shape {tuple(t.shape)}")
+        if t.is_complex() or t.dtype == torch.bool or not (t.is_floating_point() or
+                                                           t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name}: expected real factors, got dtype {t.dtype}")
+        t = t.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or inf")
+        if t.numel() > MAX_POSITIONS:
+            raise ValueError(f"{name}: {t.numel()} per-position factors; fasteer supports up to "
+                             f"{MAX_POSITIONS} prompt positions")
+        _check_magnitude(float(t.abs().max()), name, "max |factor|")
+        return [float(x) for x in t]
+    f = _as_number(value, name)
+    _check_magnitude(abs(f), name, "|factor|")
+    return f
+
+
 class Scale(Intervention):
-    """h <- factor * h (activation scaling); ``layers=None`` scales every layer."""
+    """h <- factor * h (activation scaling, Stoehr et al. 2024); ``layers=None`` scales
+    every layer.
+
+    ``factor`` is a number; or a 1-D sequence of *per-position* factors ``[P]``: the
+    prompt token at index i of its row (counting real tokens from 0 -- the position id,
+    so left padding does not shift it) is scaled by ``factor[i]``, prompt tokens past
+    index P-1 and generated tokens are left alone (``positions`` must then be "prompt"
+    or "all"); or a ``{layer: number or [P]}`` mapping (what a learned
+    `fasteer.extract.scaling.ActivationScalars` holds). Per-position factors take one
+    slot per index; the kernels run the plain SCALE edit.
+    """
 
     _needs_layers = False
 
     def __init__(self, factor, *, layers=None, site=None, positions="all", when=None,
                  preserve_norm: bool = False):
-        self.factor = _as_number(factor, "factor")
-        _check_magnitude(abs(self.factor), "factor", "|factor|")
+        if isinstance(factor, Mapping):
+            if not factor:
+                raise ValueError("factor: has no layers")
+            self.factor = {}
+            for layer, f in factor.items():
+                if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+                    raise TypeError(f"factor: layer keys must be ints >= 0, got {layer!r}")
+                self.factor[int(layer)] = _as_factors(f, f"factor[{int(layer)}]")
+            if layers is None:
+                layers = sorted(self.factor)
+        else:
+            self.factor = _as_factors(factor, "factor")
         super().__init__(vectors=None, layers=layers, site=site, positions=positions, when=when,
                          preserve_norm=preserve_norm)
+        if isinstance(self.factor, dict):
+            missing = [l for l in self.layers if l not in self.factor]
+            if missing:
+                raise ValueError(f"factor: has no factor for layers {missing} (it has layers "
+                                 f"{sorted(self.factor)})")
+        if self._indexed and not (isinstance(self.positions, str) and
+                                  self.positions in ("all", "prompt")):
+            raise ValueError("positions: per-position factors scale prompt tokens by their "
+                             "index; use positions='prompt' (or 'all')")
+
+    @property
+    def _indexed(self) -> bool:
+        values = self.factor.values() if isinstance(self.factor, dict) else [self.factor]
+        return any(isinstance(f, list) for f in values)
+
+    def _factor_at(self, layer: int):
+        return self.factor[layer] if isinstance(self.factor, dict) else self.factor
+
+    def lower(self, ctx: LoweringContext) -> list[Edit]:
+        edits = []
+        for layer in self.resolved_layers(ctx):
+            f = self._factor_at(layer)
+            common = self._common(layer, ctx)
+            if isinstance(f, list):
+                edits.extend(Edit(kind=L.SCALE, p=(x,), position=i, **common)
+                             for i, x in enumerate(f) if x != 1.0)
+            else:
+                edits.append(Edit(kind=L.SCALE, p=(f,), **common))
+        return edits
+
+
+class DynScale(Intervention):
+    """h <- (bias + w.h) * h: a scale factor that is a linear function of the activation
+    itself (DynScalar of Stoehr et al. 2024, where h(1 + beta (w'.h + b')) is this with
+    w = beta w' and bias = 1 + beta b'). Works at any prompt length (no position index).
+
+    ``weight`` is a tensor [D] or a ``{layer: tensor}`` mapping (not normalised: the dot
+    product is with the raw vector); ``bias`` a number or ``{layer: number}``. Lowers to
+    the DYN_SCALE edit of `fasteer.ops.layout`, one fused pass like every other edit.
+    """
+
+    def __init__(self, weight, bias=1.0, *, layers=None, site=None, positions="all",
+                 when=None, preserve_norm: bool = False):
+        if isinstance(bias, Mapping):
+            self.bias = _as_layer_values(bias, "bias")
+        else:
+            self.bias = _as_number(bias, "bias")
+        for b in (self.bias.values() if isinstance(self.bias, dict) else [self.bias]):
+            _check_magnitude(abs(b), "bias", "|bias|")
+        super().__init__(vectors=_Vectors(weight, "weight"), layers=layers, site=site,
+                         positions=positions, when=when, preserve_norm=preserve_norm)
+        if isinstance(self.bias, dict):
+            missing = [l for l in self.layers if l not in self.bias]
+            if missing:
+                raise ValueError(f"bias: has no value for layers {missing}")
 
     def _edit(self, layer, ctx):
-        return Edit(kind=L.SCALE, p=(self.factor,), **self._common(layer, ctx))
+        b = self.bias[layer] if isinstance(self.bias, dict) else self.bias
+        return Edit(kind=L.DYN_SCALE, u=self._vectors.at(layer, ctx.hidden), p=(b, 1.0),
+                    **self._common(layer, ctx))

@@ -53,7 +53,7 @@ import threading
 import torch
 
 from .ops import dispatch
-from .plan import CLASS_GENERATED, CLASS_LAST_PROMPT, CLASS_PROMPT, N_CLASSES
+from .plan import CLASS_GENERATED, CLASS_LAST_PROMPT, CLASS_PROMPT, CODES, N_CLASSES
 
 # Phases of one forward (index into a carrier's `armed` tuple).
 PHASE_PROMPT, PHASE_GENERATED, PHASE_MIXED, PHASE_OFF = 0, 1, 2, 3
@@ -362,12 +362,29 @@ class MetadataHook:
             slot = self._constant(B * T, -1, torch.int32, device)
         else:
             prompt_len = tracker.prompt_len if in_generate else T
-            slot = plan.slots(B, T, start, n_prompt, prompt_len, nonpad, device)
+            index = (self._prompt_index(B, T, start, n_prompt, nonpad, device)
+                     if plan.n_positions and n_prompt else None)
+            slot = plan.slots(B, T, start, n_prompt, prompt_len, nonpad, device, index)
         gate = (self._constant(B * T, 1, torch.uint8, device) if nonpad is None
                 else nonpad.reshape(-1).to(torch.uint8).contiguous())
         state.backend = dispatch.requested_backend(self.backend)
         state.set(phase, slot, gate)
         return self._protect_embeds(plan, args, kwargs, ids, embeds)
+
+    def _prompt_index(self, B, T, start, n_prompt, nonpad, device) -> torch.Tensor:
+        """Each token's index in its row's prompt, counting real tokens from 0 (the position
+        id Hugging Face gives it), int64 [B|1, T]; -1 before the first real token."""
+        pm = self.tracker.prompt_mask if self.tracker.in_generate else None
+        if pm is not None and pm.shape[1] >= start + n_prompt and B % pm.shape[0] == 0:
+            cum = (pm != 0).long().cumsum(1) - 1
+            idx = torch.full((pm.shape[0], T), -1, dtype=torch.long)
+            idx[:, :n_prompt] = cum[:, start:start + n_prompt]
+            if B != pm.shape[0]:         # num_beams / num_return_sequences expand rows
+                idx = idx.repeat_interleave(B // pm.shape[0], dim=0)
+            return idx.to(device)
+        if nonpad is not None and start == 0:
+            return nonpad.long().cumsum(1) - 1
+        return (torch.arange(T, device=device) + start).view(1, T)
 
     def finish(self, module, args, output):
         """Forward hook: the forward is over, drop its per-token tensors. Under
@@ -438,12 +455,31 @@ class MetadataHook:
         if plan is not None and plan.any_masks:
             cls = cls + N_CLASSES * self._mask_bits_device(plan, rr, B, T, pos, prompt_tok,
                                                            device)
+        if plan is not None and plan.n_positions:
+            cls = cls + CODES * _position_codes(
+                self._prompt_index_device(B, T, pos, nonpad, device), prompt_tok,
+                plan.n_positions)
         slot = self.routing.slots(rr, cls)
         gate = (torch.ones(B * T, dtype=torch.uint8, device=device) if nonpad is None
                 else nonpad.expand(B, T).reshape(-1).to(torch.uint8))
         state.backend = dispatch.requested_backend(self.backend)
         state.set(PHASE_MIXED, slot, gate)
         return self._protect_embeds(plan, args, kwargs, ids, embeds)
+
+    def _prompt_index_device(self, B, T, pos, nonpad, device) -> torch.Tensor:
+        """`_prompt_index` from tensor positions (no host sync)."""
+        pm = self.tracker.prompt_mask if self.tracker.in_generate else None
+        if pm is not None and B % pm.shape[0] == 0:
+            P = pm.shape[1]
+            cum = ((pm != 0).long().cumsum(1) - 1).to(device)
+            idx = cum[:, pos.clamp(max=P - 1)]
+            if B != pm.shape[0]:
+                idx = idx.repeat_interleave(B // pm.shape[0], dim=0)
+            return idx
+        if nonpad is not None:
+            # a forward holding prompt tokens starts the sequence here (outside generate)
+            return nonpad.long().cumsum(1) - 1
+        return pos.view(1, T)
 
     def _positions(self, args, kwargs, T, cache, device) -> torch.Tensor:
         """Absolute positions [T] of this forward's tokens, int64, without a host sync."""
@@ -557,6 +593,12 @@ class MetadataHook:
         return (own & ~future).expand(B, T).to(device)
 
 
+def _position_codes(index: torch.Tensor, prompt_tok: torch.Tensor, n_positions: int):
+    """pidx of `fasteer.plan`: prompt index + 1 for prompt tokens with index < P, else 0."""
+    inside = prompt_tok & (index >= 0) & (index < n_positions)
+    return torch.where(inside, index + 1, 0)
+
+
 class DevicePlan:
     """The parts of a compiled plan the metadata hook reads, on the model's device."""
 
@@ -571,6 +613,7 @@ class DevicePlan:
         self.active_prompt = compiled.active_prompt
         self.active_generated = compiled.active_generated
         self.edits_layer0_input = compiled.edits_layer0_input
+        self.n_positions = compiled.n_positions
         self._row_cache: dict[tuple, torch.Tensor] = {}
         self._generated: dict[tuple, torch.Tensor] = {}
 
@@ -591,9 +634,11 @@ class DevicePlan:
         return rr
 
     def slots(self, B: int, T: int, start: int, n_prompt: int, prompt_len: int, nonpad,
-              device) -> torch.Tensor:
+              device, index: torch.Tensor | None = None) -> torch.Tensor:
         """Slots [B * T] (int32, contiguous) of a forward whose first ``n_prompt`` tokens
-        are prompt tokens at absolute positions ``start ..`` of a ``prompt_len`` prompt."""
+        are prompt tokens at absolute positions ``start ..`` of a ``prompt_len`` prompt;
+        ``index`` [B|1, T]: the tokens' prompt indices (plans with position-indexed
+        edits)."""
         if n_prompt == 0:          # decode steps: the same slots every step, computed once
             key = (B, T, device)
             slot = self._generated.get(key)
@@ -617,6 +662,8 @@ class DevicePlan:
             cls = torch.where(prompt_tok, cls, CLASS_GENERATED)
         if self.any_masks:
             cls = cls + N_CLASSES * self._mask_bits(rr, B, T, start, n_prompt, prompt_len, device)
+        if self.n_positions and index is not None:
+            cls = cls + CODES * _position_codes(index, prompt_tok, self.n_positions)
         return lut[rr.view(B, 1), cls.expand(B, T)].reshape(-1).contiguous()
 
     def _mask_bits(self, rr, B, T, start, n_prompt, prompt_len, device) -> torch.Tensor:

@@ -36,6 +36,14 @@ CLASS_LAST_PROMPT = 1   # the last non-pad prompt token of its row
 CLASS_GENERATED = 2     # a token fed after the prompt forward (decode steps)
 N_CLASSES = 3
 MAX_MASKS = 4           # explicit position masks per request (2**4 classes each)
+CODES = N_CLASSES << MAX_MASKS     # class codes of one position index (the lut's stride)
+# Position-indexed edits (per-prompt-position scalars or vectors, `Edit.position`): a
+# token's *index* i is its place in its row's prompt counting real (non-pad) tokens from
+# 0, i.e. the position id Hugging Face gives it. The class code of a token is
+#     code = class + N_CLASSES * mask_bits + CODES * pidx,   pidx = i + 1 if i < P else 0
+# where P is the plan's largest indexed length: each index gets its own slot, whose
+# tables hold that index's edits, so the kernels need nothing new (a slot per position).
+MAX_POSITIONS = 512
 
 POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
 
@@ -68,6 +76,7 @@ class Edit:
     preserve_norm: bool = False
     condition: LoweredCondition | None = None
     joint: bool = False       # reads the row the previous edit read (layout.JOINT)
+    position: int | None = None   # only the prompt token at this index (position-indexed)
 
     def code(self) -> int:
         cond = L.COND_NONE if self.condition is None else self.condition.kind
@@ -132,6 +141,9 @@ class CompiledPlan:
     edits_layer0_input: bool = False           # ("pre", 0) edited: clone user inputs_embeds
     # per stream point: the full-SAE replaces (`fasteer.sae.carrier.SAEPointPlan`)
     sae_points: dict = field(default_factory=dict)
+    # P: the largest prompt index + 1 of position-indexed edits (0: none); the lut then has
+    # CODES * (P + 1) columns
+    n_positions: int = 0
 
 
 def rule_passes(rule, cls: int, bits: int, mask_index: dict[int, int]) -> bool:
@@ -174,7 +186,28 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
             per_iv.append(mapped)
         lowered.append(per_iv)
 
-    # 2. slots: one per distinct non-empty set of active interventions per request
+    # position-indexed interventions: the number of prompt indices each one edits
+    indexed: list[dict[int, int]] = []          # per request: iv index -> P
+    for r, per_iv in enumerate(lowered):
+        sizes = {}
+        for i, mapped in enumerate(per_iv):
+            pos = [e.position for _, e in mapped if getattr(e, "position", None) is not None]
+            if pos:
+                rule = requests[r].interventions[i].positions
+                if not (isinstance(rule, str) and rule in ("all", "prompt")):
+                    raise ValueError(
+                        f"positions: {type(requests[r].interventions[i]).__name__} with "
+                        "per-position values edits prompt tokens by their index; its position "
+                        f"rule must be 'prompt' (or 'all'), got {_rule_name(rule)}")
+                sizes[i] = max(pos) + 1
+        indexed.append(sizes)
+    n_positions = max((p for sizes in indexed for p in sizes.values()), default=0)
+    if n_positions > MAX_POSITIONS:
+        raise ValueError(f"positions: per-position values cover {n_positions} prompt positions; "
+                         f"fasteer supports up to {MAX_POSITIONS}")
+
+    # 2. slots: one per distinct non-empty set of active interventions per request (and,
+    #    for position-indexed ones, per prompt index)
     masks: list[list[torch.Tensor]] = []
     n_bits = 0
     for req in requests:
@@ -189,40 +222,54 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
         masks.append(req_masks)
         n_bits = max(n_bits, len(req_masks))
     n_codes = N_CLASSES << n_bits
-    lut = torch.full((len(requests) + 1, n_codes), -1, dtype=torch.int32)
-    slot_members: list[tuple[int, tuple[int, ...]]] = []   # slot -> (request, iv indices)
+    width = CODES * (n_positions + 1) if n_positions else n_codes
+    lut = torch.full((len(requests) + 1, width), -1, dtype=torch.int32)
+    # slot -> (request, iv indices, prompt index + 1 or 0)
+    slot_members: list[tuple[int, tuple[int, ...], int]] = []
     slot_prompt: list[bool] = []
     slot_generated: list[bool] = []
     for r, req in enumerate(requests):
         mask_index = {id(m): j for j, m in enumerate(masks[r])}
-        seen: dict[tuple[int, ...], int] = {}
-        for code in range(n_codes):
-            cls, bits = code % N_CLASSES, code // N_CLASSES
-            if bits >> len(masks[r]):
-                continue     # bits this request has no mask for never occur in its rows
-            members = tuple(i for i, iv in enumerate(req.interventions)
-                            if rule_passes(iv.positions, cls, bits, mask_index))
-            if not members:
-                continue
-            if members not in seen:
-                seen[members] = len(slot_members)
-                slot_members.append((r, members))
-                slot_prompt.append(False)
-                slot_generated.append(False)
-            s = seen[members]
-            lut[r, code] = s
-            if cls == CLASS_GENERATED:
-                slot_generated[s] = True
-            else:
-                slot_prompt[s] = True
+        seen: dict[tuple, int] = {}
+        sizes = indexed[r]
+        for pidx in range(max(sizes.values(), default=0) + 1):
+            for code in range(n_codes):
+                cls, bits = code % N_CLASSES, code // N_CLASSES
+                if bits >> len(masks[r]):
+                    continue     # bits this request has no mask for never occur in its rows
+                members = tuple(
+                    i for i, iv in enumerate(req.interventions)
+                    if rule_passes(iv.positions, cls, bits, mask_index) and
+                    (i not in sizes or (cls != CLASS_GENERATED and 0 < pidx <= sizes[i])))
+                if not members:
+                    continue
+                key = (members, pidx if any(i in sizes for i in members) else 0)
+                if key not in seen:
+                    seen[key] = len(slot_members)
+                    slot_members.append((r, *key))
+                    slot_prompt.append(False)
+                    slot_generated.append(False)
+                s = seen[key]
+                lut[r, code + CODES * pidx] = s
+                if cls == CLASS_GENERATED:
+                    slot_generated[s] = True
+                else:
+                    slot_prompt[s] = True
+        if n_positions:
+            # indices past this request's own ones read as "no index" (pidx 0)
+            base = lut[r, :CODES]
+            for pidx in range(max(sizes.values(), default=0) + 1, n_positions + 1):
+                lut[r, CODES * pidx:CODES * (pidx + 1)] = base
     n_slots = len(slot_members)
 
     # 3. per stream point: entries per slot, in intervention order, with a shared bank
     entries: dict[tuple[str, int], dict[int, list[Edit]]] = {}
     sae_entries: dict[tuple[str, int], dict[int, list[SAEReplaceEdit]]] = {}
-    for s, (r, members) in enumerate(slot_members):
+    for s, (r, members, pidx) in enumerate(slot_members):
         for i in members:
             for point, e in lowered[r][i]:
+                if getattr(e, "position", None) is not None and e.position != pidx - 1:
+                    continue
                 if isinstance(e, SAEReplaceEdit):
                     _check_sae_order(entries, point, s, requests[r].interventions[i])
                     sae_entries.setdefault(point, {}).setdefault(s, []).append(e)
@@ -252,7 +299,11 @@ def compile_plan(requests: list[Request], sites, ctx: LoweringContext,
         active_prompt=any(a[0] for a in armed.values()),
         active_generated=any(a[1] for a in armed.values()),
         edits_layer0_input=any(armed.get(("pre", 0), (False, False))),
-        sae_points=sae_points)
+        sae_points=sae_points, n_positions=n_positions)
+
+
+def _rule_name(rule) -> str:
+    return repr(rule) if isinstance(rule, str) else "an explicit mask"
 
 
 def _check_sae_order(entries, point, slot: int, intervention) -> None:

@@ -6,8 +6,9 @@ position-mask bits) uses: ``lut[request, class]``; and which request each batch 
 belongs to. `Routing` keeps both in two device buffers that live as long as the
 `Steerer`:
 
-``lut``   int32 [R + 1, 48]  slot of (lut row, class code); the last row is all -1
-                             ("untouched"); 48 = every class code with 4 mask bits
+``lut``   int32 [R + 1, C]   slot of (lut row, class code); the last row is all -1
+                             ("untouched"); C = 48 (every class code with 4 mask bits)
+                             times 1 + the prompt positions of position-indexed edits
 ``rows``  int64 [N]          lut row of batch row b for b < N - 1; entry N - 1 is the
                              lut row of every row not named in a ``set`` (the default)
 
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from .plan import MAX_MASKS, N_CLASSES
+from .plan import CODES
 
-CODES = N_CLASSES << MAX_MASKS
+# Fixed buffers (armed ahead) hold room for position-indexed plans of this many prompt
+# positions (`fasteer.plan.MAX_POSITIONS`): one int32 column per class code and index.
+ARMED_POSITIONS = 64
 
 
 class Routing:
@@ -39,10 +42,10 @@ class Routing:
                  fixed: bool = False):
         self.device, self.fixed = torch.device(device), fixed
         self.request_row: list[int] = []    # plan request index -> lut row
-        self._alloc(requests, rows)
+        self._alloc(requests, rows, CODES * (ARMED_POSITIONS + 1) if fixed else CODES)
 
-    def _alloc(self, requests: int, rows: int) -> None:
-        self.lut = torch.full((requests + 1, CODES), -1, dtype=torch.int32, device=self.device)
+    def _alloc(self, requests: int, rows: int, codes: int) -> None:
+        self.lut = torch.full((requests + 1, codes), -1, dtype=torch.int32, device=self.device)
         self.rows = torch.full((rows,), requests, dtype=torch.long, device=self.device)
         if self.fixed:
             _mark_static(self.lut, self.rows)
@@ -80,18 +83,25 @@ class Routing:
             raise ValueError(
                 f"rows: row {max_row} is beyond the {self.max_named_row + 1} batch rows the fixed "
                 "routing table of fasteer.patch(..., always_armed=True) can name")
+        if compiled is not None and compiled.lut.shape[1] > self.lut.shape[1]:
+            raise ValueError(
+                f"positions: this plan has per-position values for {compiled.n_positions} prompt "
+                f"positions, but the fixed routing table of fasteer.patch(..., "
+                f"always_armed=True) has room for {ARMED_POSITIONS}")
 
     def write(self, compiled) -> None:
         """Route ``compiled`` (None: every row untouched), in place when it fits."""
         self.check(compiled)
         used, max_row = self._needs(compiled)
-        requests, rows = self.none_row, self.rows.shape[0]
+        requests, rows, codes = self.none_row, self.rows.shape[0], self.lut.shape[1]
         while requests < len(used):
             requests *= 2
         while rows - 2 < max_row:
             rows *= 2
-        if (requests, rows) != (self.none_row, self.rows.shape[0]):
-            self._alloc(requests, rows)
+        if compiled is not None:
+            codes = max(codes, compiled.lut.shape[1])
+        if (requests, rows, codes) != (self.none_row, self.rows.shape[0], self.lut.shape[1]):
+            self._alloc(requests, rows, codes)
         none = self.none_row
         self.request_row = [none] * (0 if compiled is None else compiled.lut.shape[0] - 1)
         self.lut.fill_(-1)

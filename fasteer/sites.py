@@ -1,8 +1,8 @@
 """Where the residual stream can be read and edited in a Hugging Face model.
 
 A *site* names a point of the residual stream (``resid_pre[l]``, ``resid_mid[l]``,
-``resid_post[l]`` == ``resid_pre[l+1]``); a *carrier* is the module that does the work
-there. This module holds the one table that says, per architecture, which module reads
+``resid_post[l]`` == ``resid_pre[l+1]``) or a sublayer output about to be added to it
+(``attn_out[l]``, ``mlp_out[l]``); a *carrier* is the module that does the work there. This module holds the one table that says, per architecture, which module reads
 each point, and resolves it against a live model (`model_sites`).
 
 Why a table keyed by ``config.model_type`` and not introspection: which norm reads which
@@ -24,15 +24,26 @@ Carrier kinds (see `fasteer.patch`):
   variable is that same tensor) and returns the norm.
 * ``input``  -- a forward pre-hook on a module whose first input *is* the stream tensor
   (the decoder layer itself, or OLMo-2's ``mlp``); edits it in place.
-* ``output`` -- a forward hook on the last decoder layer, editing its output in place
-  (``resid_post`` of the last layer when the final norm is unknown).
+* ``output`` -- a forward hook editing a module's output in place: the last decoder
+  layer (``resid_post`` of the last layer when the final norm is unknown) or the module
+  producing a component output.
 Post-norm carriers (adding to the output of OLMo-2 / Gemma-2 ``post_*_layernorm``) are
 not used: Gemma-2/3 have a pre-norm reading every point, and for OLMo-2 a post-norm
 carrier would cost the same one extra launch as an ``input`` hook while supporting only
 h-independent edits, so the table uses ``input`` hooks there.
 
+Component outputs: ``attn_out[l]`` and ``mlp_out[l]`` name what the attention and MLP
+sublayers of layer l add to the stream (keys ``("attn", l)``, ``("mlp", l)``): the
+sublayer module's output, or, where the architecture normalises that output before the
+add (Gemma-2/3, OLMo-2), the post-sublayer norm's output. Their carriers are ``output``
+hooks on that module -- there is no norm reading a sublayer output to fuse into -- and
+every intervention is valid there (activation scaling, Stoehr et al. 2024, scales these
+vectors). For parallel blocks (GPT-NeoX, Falcon) both exist although ``resid_mid`` does
+not.
+
 Unknown model types fall back to ``input``/``output`` hooks on the decoder layers, with
-one warning; ``resid_mid`` is then unavailable (it lies inside the layer).
+one warning; ``resid_mid`` and the component outputs are then unavailable (they lie
+inside the layer).
 """
 from __future__ import annotations
 
@@ -44,7 +55,11 @@ import torch.nn as nn
 
 from .ops import layout as L
 
-SITES = ("resid_pre", "resid_mid", "resid_post")
+STREAM_SITES = ("resid_pre", "resid_mid", "resid_post")
+# Outputs of the attention and MLP sublayers, before they are added to the stream.
+COMPONENT_SITES = ("attn_out", "mlp_out")
+SITES = STREAM_SITES + COMPONENT_SITES
+_COMPONENT_KEYS = {"attn_out": "attn", "mlp_out": "mlp"}
 
 # Attribute paths (from the top-level CausalLM module) of the decoder-layer list,
 # tried in order. Covers the HF families fasteer knows.
@@ -121,6 +136,17 @@ class ArchSpec:
     resid_mid: CarrierSpec | None   # None: the point does not exist (parallel residual)
     final: CarrierSpec | None       # reads resid_post of the last layer; relative to the base model
     no_mid_reason: str = ""
+    # the modules whose output is what the attention / MLP sublayer adds to the stream
+    # (``output`` carriers, relative to the layer); None: not known for this architecture
+    attn_out: CarrierSpec | None = None
+    mlp_out: CarrierSpec | None = None
+    no_component_reason: str = ""
+
+
+def _outputs(attn: str, mlp: str) -> dict:
+    """The component-output carriers: forward hooks on the modules whose output is added
+    to the stream as it is (after a post-sublayer norm where the architecture has one)."""
+    return {"attn_out": CarrierSpec("output", attn), "mlp_out": CarrierSpec("output", mlp)}
 
 
 def _norm(path: str, flavour: NormFlavour) -> CarrierSpec:
@@ -131,43 +157,53 @@ _LAYER_INPUT = CarrierSpec("input", "")
 
 
 def _llama_like(name: str, flavour: NormFlavour = RMS_LLAMA) -> Callable[[object], ArchSpec]:
-    # residual = h; h = input_layernorm(h); ...; h = residual + attn
-    # residual = h; h = post_attention_layernorm(h); ...; h = residual + mlp
+    # residual = h; h = input_layernorm(h); h = self_attn(h); h = residual + h
+    # residual = h; h = post_attention_layernorm(h); h = mlp(h); h = residual + h
+    # (Phi-3 wraps both adds in a dropout, the identity at inference.)
     spec = ArchSpec(name, _norm("input_layernorm", flavour),
-                    _norm("post_attention_layernorm", flavour), _norm("norm", flavour))
+                    _norm("post_attention_layernorm", flavour), _norm("norm", flavour),
+                    **_outputs("self_attn", "mlp"))
     return lambda config: spec
 
 
 def _gemma2_like(name: str) -> Callable[[object], ArchSpec]:
     # post_attention_layernorm normalises the attention *output*; the stream after the
     # attention add is read by pre_feedforward_layernorm.
+    # What reaches the stream is the post-sublayer norms' output.
     spec = ArchSpec(name, _norm("input_layernorm", RMS_GEMMA),
-                    _norm("pre_feedforward_layernorm", RMS_GEMMA), _norm("norm", RMS_GEMMA))
+                    _norm("pre_feedforward_layernorm", RMS_GEMMA), _norm("norm", RMS_GEMMA),
+                    **_outputs("post_attention_layernorm", "post_feedforward_layernorm"))
     return lambda config: spec
 
 
 def _olmo2(config) -> ArchSpec:
     # No norm reads the stream inside a layer: self_attn(h) and mlp(h) read it raw, and
     # `residual = h` is the same tensor, so an in-place pre-hook edit reaches the stream.
-    return ArchSpec("olmo2", _LAYER_INPUT, CarrierSpec("input", "mlp"), _norm("norm", RMS_OLMO2))
+    # The sublayer outputs reach the stream through post_attention_layernorm and
+    # post_feedforward_layernorm.
+    return ArchSpec("olmo2", _LAYER_INPUT, CarrierSpec("input", "mlp"), _norm("norm", RMS_OLMO2),
+                    **_outputs("post_attention_layernorm", "post_feedforward_layernorm"))
 
 
 def _gpt2(config) -> ArchSpec:
     return ArchSpec("gpt2", _norm("ln_1", LAYER_NORM), _norm("ln_2", LAYER_NORM),
-                    _norm("ln_f", LAYER_NORM))
+                    _norm("ln_f", LAYER_NORM), **_outputs("attn", "mlp"))
 
 
 def _gpt_neox(config) -> ArchSpec:
     # attention(input_layernorm(h)) runs first; a parallel block then reads the same
     # (already edited) h with post_attention_layernorm, so only the first norm edits.
+    # attention and mlp outputs pass a dropout (the identity at inference) before the add
+    outputs = _outputs("attention", "mlp")
     if getattr(config, "use_parallel_residual", True):
         return ArchSpec("gpt_neox (parallel residual)", _norm("input_layernorm", LAYER_NORM), None,
                         _norm("final_layer_norm", LAYER_NORM),
                         "GPT-NeoX with use_parallel_residual=True adds attention and MLP "
-                        "to the stream together, so there is no point after attention")
+                        "to the stream together, so there is no point after attention",
+                        **outputs)
     return ArchSpec("gpt_neox", _norm("input_layernorm", LAYER_NORM),
                     _norm("post_attention_layernorm", LAYER_NORM),
-                    _norm("final_layer_norm", LAYER_NORM))
+                    _norm("final_layer_norm", LAYER_NORM), **outputs)
 
 
 def _falcon(config) -> ArchSpec:
@@ -180,11 +216,13 @@ def _falcon(config) -> ArchSpec:
     else:
         pre = _norm("input_layernorm", LAYER_NORM)
     final = _norm("ln_f", LAYER_NORM)
+    outputs = _outputs("self_attention", "mlp")
     if parallel:
         return ArchSpec("falcon (parallel attention)", pre, None, final,
                         "Falcon with parallel attention adds attention and MLP to the "
-                        "stream together, so there is no point after attention")
-    return ArchSpec("falcon", pre, _norm("post_attention_layernorm", LAYER_NORM), final)
+                        "stream together, so there is no point after attention", **outputs)
+    return ArchSpec("falcon", pre, _norm("post_attention_layernorm", LAYER_NORM), final,
+                    **outputs)
 
 
 ARCHITECTURES: dict[str, Callable[[object], ArchSpec]] = {
@@ -206,7 +244,10 @@ ARCHITECTURES: dict[str, Callable[[object], ArchSpec]] = {
 
 _FALLBACK = ArchSpec("hooks (unknown architecture)", _LAYER_INPUT, None, None,
                      "resid_mid lies inside the decoder layer, which fasteer can only reach "
-                     "for architectures in fasteer.sites.ARCHITECTURES")
+                     "for architectures in fasteer.sites.ARCHITECTURES",
+                     no_component_reason="which module's output an unknown architecture adds "
+                     "to the stream (a sublayer, or a norm after it) is known only for "
+                     "architectures in fasteer.sites.ARCHITECTURES")
 
 _warned_types: set[str] = set()
 
@@ -216,7 +257,7 @@ _warned_types: set[str] = set()
 @dataclass
 class StreamPoint:
     """One point of the residual stream and the module that carries edits there."""
-    key: tuple[str, int]            # ("pre", l) for l in 0..L, ("mid", l)
+    key: tuple[str, int]            # ("pre", l) for l in 0..L, ("mid", l), ("attn", l), ("mlp", l)
     kind: str                       # "norm" | "input" | "output"
     module: nn.Module
     flavour: NormFlavour | None = None
@@ -235,6 +276,10 @@ class ModelSites:
             self.points[("pre", l)] = _resolve(layer, spec.resid_pre, ("pre", l))
             if spec.resid_mid is not None:
                 self.points[("mid", l)] = _resolve(layer, spec.resid_mid, ("mid", l))
+            for site, key in _COMPONENT_KEYS.items():
+                carrier = getattr(spec, site)
+                if carrier is not None:
+                    self.points[(key, l)] = _resolve(layer, carrier, (key, l))
         last = ("pre", self.n_layers)
         if spec.final is not None:
             self.points[last] = _resolve(base, spec.final, last)
@@ -256,6 +301,11 @@ class ModelSites:
             return ("pre", layer)
         if site == "resid_post":
             return ("pre", layer + 1)
+        if site in _COMPONENT_KEYS:
+            if getattr(self.spec, site) is None:
+                raise ValueError(f"site: {site!r} is not supported for {self.spec.name} "
+                                 f"({self.spec.no_component_reason})")
+            return (_COMPONENT_KEYS[site], layer)
         if self.spec.resid_mid is None:
             raise ValueError(f"site: 'resid_mid' is not supported for {self.spec.name} "
                              f"({self.spec.no_mid_reason}); use 'resid_pre' or 'resid_post'")

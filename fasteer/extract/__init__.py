@@ -1,5 +1,5 @@
 """Steering-vector extraction: CAA, repeng-style PCA, instruction vectors, ablation directions,
-FGAA (SAE-guided).
+FGAA (SAE-guided); and learned activation scaling (`fasteer.extract.scaling`).
 
 All methods read the residual stream in one batched forward per batch for every requested
 layer (see `fasteer.extract.activations`) and return a `fasteer.SteeringVector`.
@@ -11,9 +11,12 @@ from .fgaa import feature_density, fgaa
 from .files import extract_from_files
 from .instruction import InstructionSteering, instruction
 from .pca import pca
+from .scaling import ActivationScaling, activation_scaling
 
 __all__ = [
     "ablation_direction",
+    "activation_scaling",
+    "ActivationScaling",
     "caa",
     "collect_activations",
     "extract_from_files",
