@@ -481,8 +481,9 @@ class Scale(Intervention):
     so left padding does not shift it) is scaled by ``factor[i]``, prompt tokens past
     index P-1 and generated tokens are left alone (``positions`` must then be "prompt"
     or "all"); or a ``{layer: number or [P]}`` mapping (what a learned
-    `fasteer.extract.scaling.ActivationScalars` holds). Per-position factors take one
-    slot per index; the kernels run the plain SCALE edit.
+    `fasteer.extract.scaling.ActivationScaling` holds). Per-position factors take one
+    slot per index (patch with ``slots >= P`` when arming ahead for CUDA graphs); the
+    kernels run the plain SCALE edit.
     """
 
     _needs_layers = False

@@ -312,6 +312,13 @@ def _site_points(sites: ModelSites, names) -> set:
     return keys
 
 
+def _point_name(key) -> str:
+    """A carrier key as the user names it: ("mlp", 3) -> "mlp_out[3]"."""
+    kind, layer = key
+    names = {"pre": "resid_pre", "mid": "resid_mid", "attn": "attn_out", "mlp": "mlp_out"}
+    return f"{names.get(kind, kind)}[{layer}]"
+
+
 # The largest batch row index ``rows=`` may name (checked before anything is allocated:
 # the routing table holds one entry per row up to the largest one named).
 MAX_ROW = 2 ** 20 - 1
@@ -386,7 +393,12 @@ class Steerer:
         self._lowered: dict[int, tuple] = {}     # id(intervention) -> (intervention, edits)
         self.state = TokenState()
         self.tracker = GenerationTracker()
-        keys = _site_points(self.sites, sites)
+        if sites is None and always_armed:
+            # armed ahead, every carrier runs in every forward: by default only the
+            # residual stream's (component outputs cost a hook each; name them to arm them)
+            keys = {k for k in self.sites.points if k[0] in ("pre", "mid")}
+        else:
+            keys = _site_points(self.sites, sites)
         self.carriers: dict[tuple[str, int], _Carrier] = {}
         capacity = slots or 4
         # Armed ahead (CUDA graphs): fixed buffers, sized so a typical plan fits -- up to
@@ -622,8 +634,9 @@ class Steerer:
             missing = [k for k in (*compiled.points, *compiled.sae_points)
                        if k not in self.carriers]
             if missing:
-                raise ValueError(f"sites: no carrier installed at {missing} (patch(model, "
-                                 f"sites=...) left them out)")
+                names = [_point_name(k) for k in missing]
+                raise ValueError(f"sites: no carrier installed at {', '.join(names)} "
+                                 "(fasteer.patch(model, sites=...) left them out)")
             device_plan = DevicePlan(compiled, self._device)
         else:
             device_plan = None
@@ -653,7 +666,10 @@ def patch(model: nn.Module, slots: int | None = None, sites=None, *,
     """Install fasteer's carriers into ``model`` and return its `Steerer`.
 
     ``slots``: initial slot capacity of the tables (they grow when a plan needs more).
-    ``sites``: restrict carriers to these site names (default: every point of the stream).
+    ``sites``: restrict carriers to these site names (default: every point of the stream
+    and every component output -- a carrier is installed only while it has work; with
+    ``always_armed=True`` the default is the stream's points only, name ``"attn_out"`` /
+    ``"mlp_out"`` to arm those too).
     ``always_armed``: arm ahead for CUDA graphs -- carriers run the fused op even with
     nothing to do (a fixed op sequence; unsteered rows equal the model's norm within
     rounding), the per-token metadata is computed on the device, and the tables hold

@@ -1,11 +1,13 @@
 """The reference the patch layer is tested against: plain forward hooks, plain math.
 
 Written independently of fasteer's carriers, tables and metadata: edits are applied by
-hooks on the decoder layers (``resid_pre`` / ``resid_post``) and on the module whose
-output is added to the stream after attention (``resid_mid``), in float32 with the
-formulas of DESIGN.md, to the tokens a test names row by row. Which tokens are prompt
-tokens is told by the test (the prompt's attention mask); the first forward after
-`HookReference.begin` is the prompt, later forwards are generated tokens.
+hooks on the decoder layers (``resid_pre`` / ``resid_post``), on the module whose
+output is added to the stream after attention (``resid_mid``) and on the modules whose
+outputs are the attention / MLP sublayer outputs added to the stream (``attn_out`` /
+``mlp_out``, `COMPONENTS`), in float32 with the formulas of DESIGN.md, to the tokens
+a test names row by row. Which tokens are prompt tokens is told by the test (the
+prompt's attention mask); the first forward after `HookReference.begin` is the prompt,
+later forwards are generated tokens.
 
 Also here: tiny random-weight models of every architecture in fasteer's table, built
 from the real transformers config classes.
@@ -77,6 +79,44 @@ ARCHS = {
 }
 
 
+# name -> (path of the module whose output is the attention sublayer output added to the
+#          stream, the same for the MLP sublayer), relative to the decoder layer. Read off
+#          the decoder layers' forward in transformers 5.x: Llama-likes (Llama, Mistral,
+#          Mixtral, Qwen2/3(-MoE), Phi-3 (dropout = identity at inference), Gemma) add
+#          self_attn / mlp outputs as they are; Gemma-2/3 and OLMo-2 add the outputs of the
+#          post-sublayer norms; GPT-2 adds attn / mlp; GPT-NeoX attention / mlp (through a
+#          dropout); Falcon self_attention / mlp (parallel forms: `mlp_output +=
+#          attention_output`, then added to the residual).
+_LLAMA_COMPONENTS = ("self_attn", "mlp")
+_POST_NORM_COMPONENTS = ("post_attention_layernorm", "post_feedforward_layernorm")
+COMPONENTS = {
+    "llama": _LLAMA_COMPONENTS,
+    "mistral": _LLAMA_COMPONENTS,
+    "mixtral": _LLAMA_COMPONENTS,
+    "qwen2": _LLAMA_COMPONENTS,
+    "qwen3": _LLAMA_COMPONENTS,
+    "qwen3_moe": _LLAMA_COMPONENTS,
+    "phi3": _LLAMA_COMPONENTS,
+    "gemma": _LLAMA_COMPONENTS,
+    "gemma2": _POST_NORM_COMPONENTS,
+    "gemma3_text": _POST_NORM_COMPONENTS,
+    "olmo2": _POST_NORM_COMPONENTS,
+    "gpt2": ("attn", "mlp"),
+    "gpt_neox_parallel": ("attention", "mlp"),
+    "gpt_neox_sequential": ("attention", "mlp"),
+    "falcon_sequential": ("self_attention", "mlp"),
+    "falcon_parallel": ("self_attention", "mlp"),
+    "falcon_new": ("self_attention", "mlp"),
+}
+
+# reference point keys of the component sites
+_COMPONENT_POINTS = {"attn_out": "attn", "mlp_out": "mlp"}
+
+
+def component_paths(arch: str) -> tuple[str, str] | None:
+    return COMPONENTS.get(arch)
+
+
 def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
     """A tiny random model of ``arch`` in eval mode, norm weights/biases randomised."""
     make, _ = ARCHS[arch]
@@ -136,6 +176,8 @@ class RefEdit:
             return ("pre", layer)
         if self.site == "resid_post":
             return ("pre", layer + 1)
+        if self.site in _COMPONENT_POINTS:
+            return (_COMPONENT_POINTS[self.site], layer)
         return ("mid", layer)
 
 
@@ -176,6 +218,9 @@ class HookReference:
     row_edits: list = field(default_factory=list)   # per batch row: list[RefEdit]
     prompt_mask: torch.Tensor | None = None
     forward_index: int = -1
+    # (attention module path, MLP module path) relative to a layer, as in `COMPONENTS`;
+    # None: component sites (attn_out / mlp_out) unavailable
+    components: tuple | None = None
 
     def __post_init__(self):
         self.handles = []
@@ -187,9 +232,22 @@ class HookReference:
 
     def __enter__(self):
         n = len(self.layers)
+        if self.components is None:
+            used = {e.site for edits in self.row_edits for e in edits}
+            if used & set(_COMPONENT_POINTS):
+                raise ValueError(f"HookReference: edits at "
+                                 f"{sorted(used & set(_COMPONENT_POINTS))} need "
+                                 "components=(attn path, mlp path)")
         self.handles.append(self.layers[0].register_forward_pre_hook(self._count))
         for l, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._pre(l), with_kwargs=True))
+            if self.components is not None:
+                # registered before the resid_mid hook: where one module carries both (the
+                # attention output, or Gemma-2's post_attention_layernorm), the component
+                # edit comes first and resid_mid reads the stream it produced
+                for key, path in zip(("attn", "mlp"), self.components):
+                    mod = layer.get_submodule(path)
+                    self.handles.append(mod.register_forward_hook(self._component((key, l))))
             if self.branch is not None:
                 mod = layer.get_submodule(self.branch)
                 self.handles.append(mod.register_forward_hook(self._mid(l)))
@@ -273,6 +331,15 @@ class HookReference:
             return new_branch
         return hook
 
+    def _component(self, point):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            new = self._steer(point, h)
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            return new
+        return hook
+
     def _post_last(self, n):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
@@ -348,7 +415,8 @@ def fasteer_outputs(model, sets, ids, mask, caches=("dynamic", "static")):
 def reference_outputs(model, arch, row_edits, ids, mask, caches=("dynamic", "static")):
     """The same with `HookReference` (``row_edits``: per batch row, a list of RefEdits)."""
     from fasteer.sites import decoder_layers
-    ref = HookReference(model, decoder_layers(model), branch_path(arch), row_edits)
+    ref = HookReference(model, decoder_layers(model), branch_path(arch), row_edits,
+                        components=component_paths(arch))
     with ref, torch.no_grad():
         ref.begin(mask)
         logits = model(input_ids=ids, attention_mask=mask).logits

@@ -42,9 +42,9 @@ def test_table_resolves_without_fallback(arch):
     assert not sites.is_fallback
     assert sites.n_layers == N_LAYERS and sites.hidden == D
     # one carrier per stream point: resid_pre of every layer, the final norm, resid_mid
-    # where the block has one
+    # where the block has one; and one per component output (attn_out, mlp_out)
     n_mid = N_LAYERS if branch_path(arch) is not None else 0
-    assert len(sites.points) == N_LAYERS + 1 + n_mid
+    assert len(sites.points) == N_LAYERS + 1 + n_mid + 2 * N_LAYERS
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -35,7 +35,9 @@ BAD_INTERVENTIONS = [
     (lambda: fs.Add(torch.full((D,), float("nan")), 1.0, layers=[0]), ValueError, "NaN"),
     (lambda: fs.Add(torch.ones(D), float("inf"), layers=[0]), ValueError, "alpha: expected a finite"),
     (lambda: fs.Add(torch.ones(D), "big", layers=[0]), TypeError, "alpha: expected a real number"),
-    (lambda: fs.Add(torch.ones(D, 2), 1.0, layers=[0]), ValueError, "1-D vector"),
+    # a [D, 2] matrix reads as 32 per-position vectors of width 2: refused for its width
+    (lambda: fs.Add(torch.ones(D, 2), 1.0, layers=[0]), ValueError, "expected width 32"),
+    (lambda: fs.Add(torch.ones(2, 2, D), 1.0, layers=[0]), ValueError, "1-D vector"),
     (lambda: fs.Add([1.0] * D, 1.0, layers=[0]), TypeError, "vector: expected a tensor"),
     (lambda: fs.Clamp(torch.zeros(D), 1.0, layers=[0]), ValueError, "zero norm"),
     (lambda: fs.Add(torch.ones(D), 1.0, layers=[0], positions="decode"), ValueError, "positions: expected one of"),

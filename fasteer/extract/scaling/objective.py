@@ -27,9 +27,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64: the gradient tests use it)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def logit_difference(logits: torch.Tensor, target: torch.Tensor, foil: torch.Tensor):
-    """z[t] - z[f] per row of ``logits`` [B, V] (float32)."""
-    z = logits.float()
+    """z[t] - z[f] per row of ``logits`` [B, V] (float32, or float64 if given)."""
+    z = _wide(logits)
     return z.gather(1, target.view(-1, 1)).squeeze(1) - z.gather(1, foil.view(-1, 1)).squeeze(1)
 
 
@@ -41,7 +46,7 @@ def effectiveness_loss(ld: torch.Tensor) -> torch.Tensor:
 def other_token_logprobs(logits: torch.Tensor, target: torch.Tensor,
                          foil: torch.Tensor) -> torch.Tensor:
     """log-probabilities [B, V] over the vocabulary without t and f (those get -inf)."""
-    z = logits.float().clone()
+    z = _wide(logits).clone()
     z.scatter_(1, target.view(-1, 1), float("-inf"))
     z.scatter_(1, foil.view(-1, 1), float("-inf"))
     return torch.log_softmax(z, dim=-1)

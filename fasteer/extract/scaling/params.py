@@ -87,7 +87,7 @@ class ScalingParams(nn.Module):
         if self.method == "steervec":
             self._check_length(T)
             return h + (self.beta * self.vec[s, j]).to(h.dtype)
-        a = (h.float() @ self.weight[s, j]) / self.norms[s, j] + self.bias[s, j]
+        a = (h.to(self.weight.dtype) @ self.weight[s, j]) / self.norms[s, j] + self.bias[s, j]
         return h * (1.0 + self.beta * a).to(h.dtype).unsqueeze(-1)
 
     def _check_length(self, T: int) -> None:

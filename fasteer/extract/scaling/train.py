@@ -123,6 +123,9 @@ def activation_scaling(model: nn.Module, tokenizer, examples, *, method: str = "
                                prompt_len=T if method != "dyn" else None, beta=beta,
                                norms=norms if method == "dyn" else None).to(device)
         opt = torch.optim.Adam(params.parameters(), lr=lr)
+        # linear decay to 0: Adam's steps are ~lr per parameter whatever the gradient, so
+        # without it the L1 term leaves unneeded parameters jittering around 0 by ~lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / steps)
         g = torch.Generator().manual_seed(seed)
         history = []
         label = desc or f"{METHOD_NAMES[method]} ({N} prompts)"
@@ -145,6 +148,7 @@ def activation_scaling(model: nn.Module, tokenizer, examples, *, method: str = "
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 row = {"step": step, "effectiveness": eff.item(), "faithfulness": faith.item(),
                        "l1": l1.item(), "flipped": (ld > 0).float().mean().item()}
                 history.append(row)
