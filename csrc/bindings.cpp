@@ -65,7 +65,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("layout_constants", [] {
     return std::map<std::string, int64_t>{
         {"NONE", kNone}, {"ADD", kAdd}, {"CLAMP", kClamp}, {"ABLATE", kAblate},
-        {"SCALE", kScale}, {"FEATURE", kFeature}, {"FEAT_ADD", kFeatAdd},
+        {"SCALE", kScale}, {"FEATURE", kFeature}, {"DYN_SCALE", kDynScale}, {"FEAT_ADD", kFeatAdd},
         {"FEAT_SET", kFeatSet}, {"FEAT_SCALE", kFeatScale}, {"FEAT_CLAMP", kFeatClamp},
         {"ACT_RELU", kActRelu}, {"ACT_JUMPRELU", kActJumpRelu}, {"ACT_LINEAR", kActLinear},
         {"COND_NONE", kCondNone}, {"COND_COSINE", kCondCosine}, {"COND_PROJ", kCondProj},

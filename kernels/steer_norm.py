@@ -7,8 +7,8 @@ Why it is written this way
 --------------------------
 * One program per row, the whole row held in registers (``BLOCK_D`` = next power of
   two >= D). A row is read from HBM once; every dot product an edit needs (clamp,
-  ablate, feature encoder column, condition, norm preservation) is a register
-  reduction, and the bank vectors it reads are small and shared by all rows (L2).
+  ablate, dynamic scale, feature encoder column, condition, norm preservation) is a
+  register reduction, and the bank vectors it reads are small and shared by all rows (L2).
   Keeping the row on chip is what makes the edits free next to the norm's own read
   and write. Rows up to 65536 wide fit this scheme; the launcher picks more warps
   for wider rows (the compiler spills to local memory past what registers hold,
@@ -53,6 +53,7 @@ KIND_CLAMP: tl.constexpr = tl.constexpr(2)
 KIND_ABLATE: tl.constexpr = tl.constexpr(3)
 KIND_SCALE: tl.constexpr = tl.constexpr(4)
 KIND_FEATURE: tl.constexpr = tl.constexpr(5)
+KIND_DYN_SCALE: tl.constexpr = tl.constexpr(6)
 
 FEAT_ADD: tl.constexpr = tl.constexpr(0)
 FEAT_SET: tl.constexpr = tl.constexpr(1)
@@ -143,6 +144,9 @@ def _apply_edit(x, x_read, kind, code, a, meta_e, params_e, bank_ptr, D, offs, d
             x_new = x + (a - hu) * u
         elif kind == KIND_ABLATE:
             x_new = x - hu * u
+        elif kind == KIND_DYN_SCALE:
+            # (p0 + p1 * h.u) * h: the scale is a linear function of the row (DynScalar)
+            x_new = (a + tl.load(params_e + 1) * hu) * x
         elif kind == KIND_FEATURE:
             pre = hu + a
             threshold = tl.load(params_e + 1)

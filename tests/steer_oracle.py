@@ -67,6 +67,8 @@ def oracle(h, slot, gate, meta, params, bank, weight, bias, norm_kind, eps, weig
                     x = x - float(read @ u) * u
                 elif kind == L.SCALE:
                     x = p[0] * x
+                elif kind == L.DYN_SCALE:
+                    x = (p[0] + p[1] * float(read @ bank64[ui])) * x
                 elif kind == L.FEATURE:
                     pre = float(read @ bank64[ui]) + p[0]
                     act = (code >> 12) & 0xF
@@ -113,7 +115,9 @@ def _active(slot, gate, n_slots):
 
 def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_bank: int,
                   kinds=None, with_conditions=True):
-    """Random slot tables exercising every edit kind, feature op, activation and condition."""
+    """Random slot tables exercising every edit kind, feature op, activation and condition.
+    DYN_SCALE only where ``kinds`` names it: the default list is the one the tests' fixed
+    seeds were chosen with."""
     bank = torch.randn(n_bank, d, generator=gen)
     # half the bank unit-norm (directions), half raw (steering vectors / SAE columns)
     bank[: n_bank // 2] /= bank[: n_bank // 2].norm(dim=-1, keepdim=True)
@@ -145,9 +149,15 @@ def random_tables(gen: torch.Generator, d: int, n_slots: int, n_edits: int, n_ba
             u = unit if kind in (L.CLAMP, L.ABLATE) else anyrow
             meta[s, e] = torch.tensor([code, u, rint(0, n_bank), rint(0, n_bank) if cond else -1])
             lo = rnd()
+            # DYN_SCALE: u any row (raw, not unit); p1 * (h.u) of order 1 for rows of entries
+            # of order 1, so the factor p0 + p1 * (h.u) takes either sign
+            # (drawn only for DYN_SCALE: the other kinds' tables stay as they were)
+            slope = 0.0
+            if kind == L.DYN_SCALE:
+                slope = rnd() * 0.5 / max(float(bank[u].norm()), 1e-3)
             params[s, e] = torch.tensor([
                 rnd() * 2 if kind != L.SCALE else 0.5 + abs(rnd()),   # alpha / clamp value / scale / bias
-                abs(rnd()),                                            # JumpReLU threshold
+                abs(rnd()) if kind != L.DYN_SCALE else slope,          # JumpReLU threshold / slope
                 lo,                                                    # feature value / clamp lo
                 lo + abs(rnd()),                                       # clamp hi
                 rnd() * 0.3 if cond == L.COND_COSINE else rnd(),       # condition threshold

@@ -2,7 +2,8 @@
 tests/test_cuda_build.py: the .cu source compiled by g++ against a CUDA emulation), every
 kernel shape -- warp-per-row, block-per-row with the read row in shared memory up to the
 64 KB opt-in, the loop kernel -- vs the reference and the float64 oracle, only on cases
-where the JOINT bit changes the result."""
+where the JOINT bit changes the result. Also the DYN_SCALE kind (a scale-only record whose
+factor follows a dot product with u) through the same kernel shapes."""
 import pytest
 import torch
 
@@ -98,3 +99,41 @@ def well_conditioned(case):
         if float((h_ref[r].double() - h64[r]).abs().max()) > tol * scale:
             return False
     return True
+
+
+DYN_KINDS = [L.DYN_SCALE, L.DYN_SCALE, L.ADD, L.CLAMP, L.FEATURE, L.SCALE, L.ABLATE, L.NONE]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("n,d,offset,launch", SHAPES, ids=[f"{s[0]}x{s[1]}" for s in SHAPES])
+def test_dyn_scale_emulated(emulated, dtype, n, d, offset, launch):
+    """DYN_SCALE mixed with the other kinds (conditions and PRESERVE_NORM on some edits) in
+    every kernel shape, the loop kernel's replay of scale-only records included; a case
+    counts only if its DYN_SCALE edits change the result (vs the same tables without them)."""
+    checked = 0
+    for seed in range(40):
+        case = make_case(d * 11 + seed + 7, n, d, dtype, "rms_llama", n_slots=3, n_edits=5,
+                         kinds=DYN_KINDS, with_conditions=seed % 2 == 0)
+        if not dyn_scale_matters(case) or not well_conditioned(case):
+            continue
+        h_new, out = run_emulated(case, offset)
+        assert launch in emulated.last_kernel(), emulated.last_kernel()
+        check_case(case, h_new, out)
+        checked += 1
+        if checked == 2:
+            break
+    assert checked == 2
+
+
+def dyn_scale_matters(case):
+    keys = ("slot", "gate", "meta", "params", "bank", "weight", "bias", "norm_kind", "eps",
+            "weight_offset", "cast_before_weight")
+    args = [case[k] for k in keys]
+    with_dyn, _, _ = oracle(case["h"], *args)
+    without = case["meta"].clone()
+    dyn = (without[..., 0] & 0xFF) == L.DYN_SCALE
+    without[..., 0][dyn] = L.NONE
+    args[2] = without
+    plain, _, _ = oracle(case["h"], *args)
+    return float((with_dyn - plain).abs().max()) > 1e-2

@@ -46,7 +46,8 @@ TOL_F64 = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3),
            torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 # every edit description of the layout at least once
-EDIT_SPECS = ([(L.ADD, 0, 0), (L.CLAMP, 0, 0), (L.ABLATE, 0, 0), (L.SCALE, 0, 0), (L.NONE, 0, 0)]
+EDIT_SPECS = ([(L.ADD, 0, 0), (L.CLAMP, 0, 0), (L.ABLATE, 0, 0), (L.SCALE, 0, 0), (L.NONE, 0, 0),
+               (L.DYN_SCALE, 0, 0)]
               + [(L.FEATURE, op, act) for op in range(4) for act in range(3)])
 CONDITIONS = (L.COND_NONE, L.COND_COSINE, L.COND_PROJ)
 
@@ -84,6 +85,11 @@ def make_tables(gen: torch.Generator, hidden: int, n_slots: int = 4, n_edits: in
             p[0] = uniform(-3, 3)
         elif kind == L.SCALE:
             p[0] = uniform(-2, 2)
+        elif kind == L.DYN_SCALE:
+            # u a unit direction or an SAE-scaled (raw) row: h.u ~ N(0, 4)
+            meta[s, e, 1] = pick(0, n_dirs + n_enc)
+            p[0] = uniform(-2, 2)
+            p[1] = uniform(-0.5, 0.5)
         elif kind == L.FEATURE:
             meta[s, e, 1] = pick(n_dirs, n_enc)
             meta[s, e, 2] = pick(n_dirs + n_enc, n_dec)
@@ -157,6 +163,8 @@ def edits_f64(h, slot, gate, meta, params, bank):
                 new = row - (read @ bank[iu]) * bank[iu]
             elif f["kind"] == L.SCALE:
                 new = p[0] * row
+            elif f["kind"] == L.DYN_SCALE:
+                new = (p[0] + p[1] * float(read @ bank[iu])) * row
             else:
                 pre = float(read @ bank[iu]) + p[0]
                 act = f["activation"]
@@ -319,6 +327,46 @@ def test_joint_feature_runs(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 7, 129])
+def test_dyn_scale_edits(dtype, hidden):
+    """DYN_SCALE, h <- (p0 + p1 h.u) h with a raw u: alone (factors of both signs), after
+    and before other kinds in one slot, with a condition and with PRESERVE_NORM."""
+    gen = torch.Generator().manual_seed(400 + hidden + 7 * DTYPES.index(dtype))
+    n_rows = 12
+    bank = torch.randn(4, hidden, generator=gen)
+    bank[1] /= bank[1].norm()                              # CLAMP's unit direction
+    bank[0] *= 2.0                                         # raw: |u| ~ 2 sqrt(D)
+    inv = 1.0 / float(bank[0].norm())
+    pack = L.pack_code
+    slots = [
+        [(pack(L.DYN_SCALE), 0, -1, -1, [-0.1, 1.5 * inv])],
+        [(pack(L.ADD), 2, -1, -1, [0.8]), (pack(L.DYN_SCALE), 0, -1, -1, [0.6, -inv]),
+         (pack(L.CLAMP), 1, -1, -1, [1.2]),
+         (pack(L.FEATURE, feature_op=L.FEAT_ADD, activation=L.ACT_LINEAR), 2, 3, -1,
+          [0.1, 0.0, 0.5])],
+        [(pack(L.DYN_SCALE, condition=L.COND_PROJ), 0, -1, 3, [1.4, 0.5 * inv, 0, 0, 0.0, 0.0]),
+         (pack(L.DYN_SCALE, preserve_norm=True), 2, -1, -1, [-0.2, 0.7 / float(bank[2].norm())])],
+    ]
+    meta = torch.full((3, 4, 4), -1, dtype=torch.int32)
+    meta[..., 0] = 0
+    params = torch.zeros(3, 4, 8)
+    for s, edits in enumerate(slots):
+        for e, (code, iu, iw, ic, p) in enumerate(edits):
+            meta[s, e] = torch.tensor([code, iu, iw, ic])
+            params[s, e, :len(p)] = torch.tensor(p)
+    slot, gate = make_rows(gen, n_rows, 3)
+    slot[3:] = torch.arange(3, n_rows, dtype=torch.int32) % 3
+    h = (2 * torch.randn(n_rows, hidden, generator=gen)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype)
+    _, active = check_three_way(h, slot, gate, meta, params, bank, weight)
+    check_three_way(h, slot, gate, meta, params, bank, None, norm_kind=L.NORM_NONE)
+    factor = params[0, 0, 0] + params[0, 0, 1] * (h.float() @ bank[0])
+    lone = active & (slot == 0)
+    if hidden > 1:
+        assert (factor[lone] < 0).any() and (factor[lone] > 0).any(), "want both signs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conditions_both_pass_and_fail(dtype):
     """Each condition kind both applies and skips its edit on some row."""
     gen = torch.Generator().manual_seed(7)
@@ -437,6 +485,7 @@ def test_kernel_constants_mirror_the_layout():
     numbers must stay equal to the contract."""
     pairs = {"KIND_NONE": L.NONE, "KIND_ADD": L.ADD, "KIND_CLAMP": L.CLAMP,
              "KIND_ABLATE": L.ABLATE, "KIND_SCALE": L.SCALE, "KIND_FEATURE": L.FEATURE,
+             "KIND_DYN_SCALE": L.DYN_SCALE,
              "FEAT_ADD": L.FEAT_ADD, "FEAT_SET": L.FEAT_SET, "FEAT_SCALE": L.FEAT_SCALE,
              "ACT_RELU": L.ACT_RELU, "ACT_JUMPRELU": L.ACT_JUMPRELU, "COND_NONE": L.COND_NONE,
              "COND_COSINE": L.COND_COSINE, "PRESERVE_NORM": L.PRESERVE_NORM, "JOINT": L.JOINT,

@@ -101,6 +101,7 @@ def test_equal_steering_has_one_canonical_form_and_salt():
     ([{"add": "v", "clamp": "v"}], "exactly one of"),
     ([{"add": "v", "colour": "red"}], "unknown keys"),
     ([{"scale": 0.5}], "needs 'layers'"),
+    ([{"scale": 0.5, "layers": [1], "site": "mlp_out"}], "Hugging Face models only"),
     ([{"feature": 1, "sae": "missing"}], "unknown SAE id"),
     ([{"add": "v"}] * 17, "at most 16"),
 ])

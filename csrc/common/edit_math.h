@@ -34,6 +34,16 @@ FASTEER_HD bool condition_holds(int32_t cond, float dot, float norms, float thre
   return true;
 }
 
+// a + b * c with two roundings, as the CPU build (-ffp-contract=off) and PyTorch's reference
+// compute it: nvcc would otherwise contract it into an FMA.
+FASTEER_HD float add_mul_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, __fmul_rn(b, c));
+#else
+  return a + b * c;
+#endif
+}
+
 // The edit as h <- scale_h * h + coef_u * u + coef_w * w, given the row's dot with u.
 // Keeping the edit in this affine form lets a backend apply it in one pass over the row.
 struct AffineEdit {
@@ -47,6 +57,7 @@ FASTEER_HD AffineEdit edit_coefficients(int32_t code, float dot_u, const float* 
     case kClamp: return {1.0f, p[kParamA] - dot_u, 0.0f};
     case kAblate: return {1.0f, -dot_u, 0.0f};
     case kScale: return {p[kParamA], 0.0f, 0.0f};
+    case kDynScale: return {add_mul_rn(p[kParamA], p[kParamB], dot_u), 0.0f, 0.0f};
     case kFeature: {
       const float z = feature_activation(code_activation(code), dot_u + p[kParamA], p[kParamB]);
       const float z_new = feature_edit(code_feature_op(code), z, p[kParamC], p[kParamD]);
@@ -57,11 +68,14 @@ FASTEER_HD AffineEdit edit_coefficients(int32_t code, float dot_u, const float* 
 }
 
 FASTEER_HD bool edit_reads_u(int32_t kind) {
-  return kind == kAdd || kind == kClamp || kind == kAblate || kind == kFeature;
+  return kind == kAdd || kind == kClamp || kind == kAblate || kind == kFeature ||
+         kind == kDynScale;
 }
 FASTEER_HD bool edit_needs_dot_u(int32_t kind) {
-  return kind == kClamp || kind == kAblate || kind == kFeature;
+  return kind == kClamp || kind == kAblate || kind == kFeature || kind == kDynScale;
 }
+// Does the edit only scale the row (h <- scale_h * h, no vector added)?
+FASTEER_HD bool edit_scales_only(int32_t kind) { return kind == kScale || kind == kDynScale; }
 
 // Rescale factor for PRESERVE_NORM: |before| / |after| (1 when |after| is 0).
 FASTEER_HD float preserve_norm_factor(float sumsq_before, float sumsq_after) {

@@ -5,7 +5,16 @@
 
 namespace fasteer {
 
-enum EditKind : int32_t { kNone = 0, kAdd = 1, kClamp = 2, kAblate = 3, kScale = 4, kFeature = 5 };
+enum EditKind : int32_t {
+  kNone = 0,
+  kAdd = 1,
+  kClamp = 2,
+  kAblate = 3,
+  kScale = 4,
+  kFeature = 5,
+  kDynScale = 6,  // h <- (p0 + p1 * h.u) * h (DynScalar)
+  kLastKind = kDynScale
+};
 enum FeatureOp : int32_t { kFeatAdd = 0, kFeatSet = 1, kFeatScale = 2, kFeatClamp = 3 };
 enum Activation : int32_t { kActRelu = 0, kActJumpRelu = 1, kActLinear = 2 };
 enum Condition : int32_t { kCondNone = 0, kCondCosine = 1, kCondProj = 2 };

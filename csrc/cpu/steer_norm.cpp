@@ -72,7 +72,7 @@ FASTEER_INLINE float sum(const float* a, int64_t d) {
 inline bool bank_row_ok(const SteerNormArgs& a, int64_t r) { return r >= 0 && r < a.v; }
 
 inline bool edit_ok(const SteerNormArgs& a, const int32_t* m, int32_t kind) {
-  if (kind < 0 || kind > kFeature) return false;
+  if (kind < 0 || kind > kLastKind) return false;
   if (edit_reads_u(kind) && !bank_row_ok(a, m[kMetaU])) return false;
   if (kind == kFeature && !bank_row_ok(a, m[kMetaW])) return false;
   return true;
@@ -130,7 +130,7 @@ FASTEER_INLINE bool apply_slot_edits(const SteerNormArgs& a, int64_t slot, float
     const AffineEdit ed = edit_coefficients(code, dot_u, params + e * kParamWidth);
     const bool preserve = code_preserve_norm(code);
     const float before = preserve ? sumsq(x, d) : 0.0f;
-    if (kind == kScale) {
+    if (edit_scales_only(kind)) {  // SCALE, DYN_SCALE (its factor read the dot with u)
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) x[i] = ed.scale_h * x[i];
     } else if (w != nullptr) {

@@ -99,7 +99,7 @@ struct KernelArgs {
 };
 
 // One applied edit in the form both kernels execute it:
-//   scale-only:  x <- coef * x               (SCALE)
+//   scale-only:  x <- coef * x               (SCALE; DYN_SCALE: coef after its dot with u)
 //   otherwise:   x <- x + coef * bank[vec]    (ADD / CLAMP / ABLATE: u; FEATURE: w)
 //   then, with PRESERVE_NORM:  x <- x * factor
 struct EditRecord {
@@ -118,7 +118,7 @@ __device__ __forceinline__ EditRecord make_record(int32_t code, const int32_t* m
                                                   const AffineEdit& ed) {
   const int32_t kind = code_kind(code);
   EditRecord r;
-  if (kind == kScale) {
+  if (edit_scales_only(kind)) {
     r.vec_row = -1;
     r.flags = kRecScale;
     r.coef = ed.scale_h;

@@ -24,7 +24,7 @@ Per token (N rows of the flattened [*, D] hidden state):
 
 The code word
 -------------
-    bits 0-7    kind        NONE, ADD, CLAMP, ABLATE, SCALE, FEATURE
+    bits 0-7    kind        NONE, ADD, CLAMP, ABLATE, SCALE, FEATURE, DYN_SCALE
     bits 8-11   feature op  FEAT_ADD, FEAT_SET, FEAT_SCALE, FEAT_CLAMP
     bits 12-15  activation  ACT_RELU, ACT_JUMPRELU, ACT_LINEAR
     bits 16-19  condition   COND_NONE, COND_COSINE, COND_PROJ
@@ -50,6 +50,9 @@ Then, with u = bank[u], w = bank[w] and h.u meaning r_e.u:
     CLAMP     h <- h + (p0 - h.u) * u            (u unit: normalised on the host)
     ABLATE    h <- h - (h.u) * u                 (u unit)
     SCALE     h <- p0 * h
+    DYN_SCALE h <- (p0 + p1 * (h.u)) * h         (u: a raw weight vector, not normalised;
+                                                 DynScalar, Stoehr et al. 2024: a scale
+                                                 that is a learned linear function of h)
     FEATURE   pre = u.h + p0                     (u: encoder column with b_dec and
                                                   input scaling folded in, p0: bias)
               z   = act(pre)                     relu: max(pre, 0)
@@ -82,6 +85,7 @@ CLAMP = 2
 ABLATE = 3
 SCALE = 4
 FEATURE = 5
+DYN_SCALE = 6
 
 # feature ops (bits 8-11)
 FEAT_ADD = 0
@@ -117,7 +121,7 @@ M_CODE, M_U, M_W, M_C = range(4)
 P_A, P_B, P_C, P_D, P_COND_THRESH, P_COND_BIAS = range(6)
 
 KIND_NAMES = {NONE: "none", ADD: "add", CLAMP: "clamp", ABLATE: "ablate", SCALE: "scale",
-              FEATURE: "feature"}
+              FEATURE: "feature", DYN_SCALE: "dyn_scale"}
 FEATURE_OPS = {"add": FEAT_ADD, "set": FEAT_SET, "scale": FEAT_SCALE, "clamp": FEAT_CLAMP}
 ACTIVATIONS = {"relu": ACT_RELU, "jumprelu": ACT_JUMPRELU, "linear": ACT_LINEAR, "topk": ACT_TOPK}
 CONDITIONS = {"none": COND_NONE, "cosine": COND_COSINE, "projection": COND_PROJ}
@@ -154,7 +158,7 @@ def unpack_code(code: int) -> dict:
 
 
 def needs_u(kind: int) -> bool:
-    return kind in (ADD, CLAMP, ABLATE, FEATURE)
+    return kind in (ADD, CLAMP, ABLATE, FEATURE, DYN_SCALE)
 
 
 def needs_w(kind: int) -> bool:

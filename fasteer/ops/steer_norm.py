@@ -243,10 +243,11 @@ def _check_table_values(meta, params, bank) -> None:
         return
     code = meta[..., L.M_CODE]
     kind = code & 0xFF
-    if bool(((kind < 0) | (kind > L.FEATURE)).any()):
-        raise ValueError(f"meta: edit kind out of range 0..{L.FEATURE}")
+    if bool(((kind < 0) | (kind > L.DYN_SCALE)).any()):
+        raise ValueError(f"meta: edit kind out of range 0..{L.DYN_SCALE}")
     n_bank = bank.shape[0]
-    needs_u = (kind == L.ADD) | (kind == L.CLAMP) | (kind == L.ABLATE) | (kind == L.FEATURE)
+    needs_u = ((kind == L.ADD) | (kind == L.CLAMP) | (kind == L.ABLATE) | (kind == L.FEATURE)
+               | (kind == L.DYN_SCALE))
     needs_w = kind == L.FEATURE
     needs_c = ((code >> 16) & 0xF) != L.COND_NONE
     if bool((((code >> 16) & 0xF) > L.COND_PROJ).any()):

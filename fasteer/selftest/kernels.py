@@ -31,7 +31,7 @@ def random_case(n, d, dtype, device, seed, n_slots=4, n_edits=4, offset=0):
     bank[:4] /= bank[:4].norm(dim=-1, keepdim=True)
     meta = torch.full((n_slots, n_edits, 4), -1, dtype=torch.int32)
     params = torch.zeros(n_slots, n_edits, 8)
-    kinds = [L.ADD, L.CLAMP, L.ABLATE, L.SCALE, L.FEATURE, L.FEATURE, L.FEATURE]
+    kinds = [L.ADD, L.CLAMP, L.ABLATE, L.SCALE, L.FEATURE, L.FEATURE, L.FEATURE, L.DYN_SCALE]
     for s, e in itertools.product(range(n_slots), range(n_edits)):
         kind = kinds[(s * n_edits + e) % len(kinds)]
         follows_feature = e > 0 and kinds[(s * n_edits + e - 1) % len(kinds)] == L.FEATURE
@@ -44,8 +44,11 @@ def random_case(n, d, dtype, device, seed, n_slots=4, n_edits=4, offset=0):
         u = (s + e) % 4 if kind in (L.CLAMP, L.ABLATE) else 4 + (s + e) % 4
         meta[s, e] = torch.tensor([code, u, (s * 3 + e) % 8, (s + 5 * e) % 8 if cond else -1])
         lo = float(torch.randn(1, generator=g))
-        params[s, e] = torch.tensor([0.7 if kind == L.SCALE else float(torch.randn(1, generator=g)),
-                                     0.2, lo, lo + 1.0, -0.05 if cond == L.COND_COSINE else -1.0,
+        scales = kind in (L.SCALE, L.DYN_SCALE)
+        # DYN_SCALE: factor 0.7 + p1 (h.u) with |u| ~ sqrt(d): a slope ~ 0.05 / d keeps it O(1)
+        slope = 0.05 / d if kind == L.DYN_SCALE else 0.2
+        params[s, e] = torch.tensor([0.7 if scales else float(torch.randn(1, generator=g)),
+                                     slope, lo, lo + 1.0, -0.05 if cond == L.COND_COSINE else -1.0,
                                      0.3, 0, 0])
     base = torch.randn(n * d + offset, generator=g) * 2
     h = base[offset:].view(n, d).to(dtype)

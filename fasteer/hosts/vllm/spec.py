@@ -189,6 +189,10 @@ def parse(raw, registry: Registry, n_layers: int, hidden: int) -> tuple:
                 if not isinstance(item[key], str):
                     raise SpecError(f"{where}.{key}: expected a string, got {item[key]!r}")
                 common[key] = item[key]
+        if common.get("site") in ("attn_out", "mlp_out"):
+            raise SpecError(f"{where}.site: the vLLM host carries resid_pre, resid_mid and "
+                            f"resid_post; component outputs ({common['site']!r}) are carried "
+                            "by fasteer.patch on Hugging Face models only")
         try:
             if op in ("add", "clamp", "ablate"):
                 vec = registry.vector(item[op])

@@ -78,12 +78,16 @@ def apply_edits(x: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor,
                                         torch.where(fop == L.FEAT_SCALE, z * val,
                                                     torch.minimum(torch.maximum(z, val), hi))))
 
+        # dynamic scale (DynScalar): the factor is a linear function of the read row
+        dyn = a + p[:, L.P_B:L.P_B + 1] * hu
+
         k = kind.unsqueeze(-1)
         edited = torch.where(k == L.ADD, x + a * u,
                  torch.where(k == L.CLAMP, x + (a - hu) * u,
                  torch.where(k == L.ABLATE, x - hu * u,
                  torch.where(k == L.SCALE, a * x,
-                 torch.where(k == L.FEATURE, x + (z_new - z) * w, x)))))
+                 torch.where(k == L.FEATURE, x + (z_new - z) * w,
+                 torch.where(k == L.DYN_SCALE, dyn * x, x))))))
 
         preserve = ((code & L.PRESERVE_NORM) != 0)
         before = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
