@@ -300,3 +300,28 @@ def test_slots_per_index(llama):
     # slots for index 0, 1, 2; index 1 (factor 1.0) has no edit
     assert t.meta.shape[0] == 3 and t.slot_has_edits == [True, False, True]
     assert sorted(float(p) for p in t.params[:, 0, 0] if p != 0) == [0.5, 2.0]
+
+
+def test_fullgraph_compile_with_per_position_values(llama):
+    """Per-position factors and DynScale under torch.compile(fullgraph=True): the device
+    path computes the prompt indices, new factors of the same length reuse the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    ids, mask = prompt_batch(3, 7, "left", seed=17)
+    w = {1: torch.randn(D) * 0.05}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with fs.patch(llama) as st:
+        compiled = torch.compile(llama, fullgraph=True, backend=counter)
+        outs = []
+        for seed in (18, 19):
+            st.set(fs.Scale({0: _factors(5, seed), 2: _factors(5, seed + 7)}, site="mlp_out"),
+                   fs.DynScale(w, 0.9, site="attn_out"))
+            with torch.no_grad():
+                eager = llama(input_ids=ids, attention_mask=mask).logits
+                got = compiled(input_ids=ids, attention_mask=mask).logits
+            assert float((got - eager).abs().max()) <= 1e-5
+            outs.append(eager)
+            if seed == 18:
+                frames = counter.frame_count
+        assert counter.frame_count == frames, "new factors of the same length recompiled"
+        assert float((outs[0] - outs[1]).abs().max()) > 1e-2
