@@ -162,7 +162,7 @@ def _llama_like(name: str, flavour: NormFlavour = RMS_LLAMA) -> Callable[[object
     # (Phi-3 wraps both adds in a dropout, the identity at inference.)
     spec = ArchSpec(name, _norm("input_layernorm", flavour),
                     _norm("post_attention_layernorm", flavour), _norm("norm", flavour),
-                    **_outputs("self_attn", "mlp"))
+                    **_outputs("self_attn", "mlp|block_sparse_moe"))
     return lambda config: spec
 
 
@@ -313,7 +313,12 @@ class ModelSites:
 
 
 def _resolve(root: nn.Module, spec: CarrierSpec, key) -> StreamPoint:
-    module = _get_attr_path(root, spec.path) if spec.path else root
+    module = root
+    if spec.path:
+        # "a|b": the first attribute path that exists (a module renamed across
+        # transformers versions, e.g. Mixtral's block_sparse_moe -> mlp in 5.x)
+        module = next((m for m in (_get_attr_path(root, p) for p in spec.path.split("|"))
+                       if m is not None), None)
     if not isinstance(module, nn.Module):
         raise _SpecMismatch(f"no module {spec.path!r} in {type(root).__name__}")
     if spec.kind == "norm":

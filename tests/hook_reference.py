@@ -92,7 +92,8 @@ _POST_NORM_COMPONENTS = ("post_attention_layernorm", "post_feedforward_layernorm
 COMPONENTS = {
     "llama": _LLAMA_COMPONENTS,
     "mistral": _LLAMA_COMPONENTS,
-    "mixtral": _LLAMA_COMPONENTS,
+    # transformers < 5 names Mixtral's MoE block block_sparse_moe (the floor CI runs 4.57)
+    "mixtral": ("self_attn", "mlp|block_sparse_moe"),
     "qwen2": _LLAMA_COMPONENTS,
     "qwen3": _LLAMA_COMPONENTS,
     "qwen3_moe": _LLAMA_COMPONENTS,
@@ -115,6 +116,16 @@ _COMPONENT_POINTS = {"attn_out": "attn", "mlp_out": "mlp"}
 
 def component_paths(arch: str) -> tuple[str, str] | None:
     return COMPONENTS.get(arch)
+
+
+def component_module(layer: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at ``path``; "a|b" names alternatives across transformers versions."""
+    for p in path.split("|"):
+        try:
+            return layer.get_submodule(p)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{type(layer).__name__} has none of {path!r}")
 
 
 def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
@@ -246,7 +257,7 @@ class HookReference:
                 # attention output, or Gemma-2's post_attention_layernorm), the component
                 # edit comes first and resid_mid reads the stream it produced
                 for key, path in zip(("attn", "mlp"), self.components):
-                    mod = layer.get_submodule(path)
+                    mod = component_module(layer, path)
                     self.handles.append(mod.register_forward_hook(self._component((key, l))))
             if self.branch is not None:
                 mod = layer.get_submodule(self.branch)

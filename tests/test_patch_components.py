@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import fasteer as fs
 import fasteer.sites as sites_mod
 from fasteer.sites import decoder_layers, model_sites
-from hook_reference import (ARCHS, COMPONENTS, HookReference, one_thread, assert_same,
-                            branch_path, cached_model, fasteer_outputs, pair, plain_outputs,
-                            prompt_batch, random_vectors, reference_outputs,
+from hook_reference import (ARCHS, COMPONENTS, HookReference, assert_same, branch_path,
+                            cached_model, component_module, fasteer_outputs, one_thread, pair,
+                            plain_outputs, prompt_batch, random_vectors, reference_outputs,
                             tiny_model)
 
 _AUTOUSE = (one_thread,)     # the autouse fixture must be in this module's namespace
@@ -76,7 +76,7 @@ def _capture(model, arch, ids, mask):
             handles.append(layer.register_forward_pre_hook(save_in("pre", l), with_kwargs=True))
             handles.append(layer.register_forward_hook(save_out("post", l)))
             for name, path in (("attn", attn_path), ("mlp", mlp_path)):
-                mod = layer.get_submodule(path)
+                mod = component_module(layer, path)
                 handles.append(mod.register_forward_hook(save_out(name, l)))
             if arch in MID_READER:
                 reader = layer.get_submodule(MID_READER[arch])
@@ -136,7 +136,7 @@ def test_table_resolves_to_the_same_modules(arch):
         for key, path in (("attn", attn_path), ("mlp", mlp_path)):
             point = sites.points[(key, l)]
             assert point.kind == "output"
-            assert point.module is layer.get_submodule(path), (key, l, path)
+            assert point.module is component_module(layer, path), (key, l, path)
         assert sites.stream_point(l, "attn_out") == ("attn", l)
         assert sites.stream_point(l, "mlp_out") == ("mlp", l)
 
@@ -259,7 +259,7 @@ def test_unpatch_restores_model_and_hooks(arch):
     model = cached_model(arch)
     ids, mask = prompt_batch(3, 7, "left")
     layers = decoder_layers(model)
-    mods = [layer.get_submodule(p) for layer in layers for p in COMPONENTS[arch]]
+    mods = [component_module(layer, p) for layer in layers for p in COMPONENTS[arch]]
     # a hook of the user's own on a component module survives patching and unpatching
     user = mods[0].register_forward_hook(lambda module, args, output: None)
     try:
@@ -406,7 +406,7 @@ def test_patch_attn_out_only(arch):
     try:
         assert set(st.carriers) == {("attn", l) for l in range(N_LAYERS)}
         for l, layer in enumerate(layers):
-            assert st.carriers[("attn", l)].module is layer.get_submodule(COMPONENTS[arch][0])
+            assert st.carriers[("attn", l)].module is component_module(layer, COMPONENTS[arch][0])
         st.set(iv)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
