@@ -15,9 +15,10 @@ test split and reports (`fasteer.extract.scaling.evaluate`):
   foil-preferring prompts flipped, the mean change of the logit difference;
 * faithfulness: KL at the answer position over the other tokens, and the mean KL of the
   next-token distributions at every earlier prompt position;
-* minimality: parameters, how many moved (|beta*alpha| > 0.05 for scalars; vectors
-  whose norm moved by > 5% of the mean activation norm; DynScalar sites with
-  |w|*c + |b| > 0.05), the L1 norm.
+* minimality, measured the same way for every method: at each location (site, layer,
+  prompt position) the edit's own relative change of the activation |h~ - h| / |h|,
+  averaged over the test prompts; "moved" counts locations above 5%, "relative change"
+  sums them; and the number of parameters.
 
 DynScalar is also applied to prompts of another template (another length), which the
 position-tied methods cannot be.
@@ -62,6 +63,14 @@ def run_model(name: str, args) -> dict:
            "steps": args.steps, "batch_size": args.batch_size,
            "lr_lambda_min": {NAMES[m]: DEFAULTS[m] for m in METHODS},
            "command": "python benchmarks/run_scaling.py " + " ".join(sys.argv[1:]), "tasks": {}}
+    previous = {}           # train_seconds of the last full run (for --evaluate-only)
+    if (RESULTS / f"{name}.json").is_file():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        previous = {t: {m: ev.get("train_seconds") for m, ev in e["methods"].items()}
+                    for t, e in old.get("tasks", {}).items()}
+        if args.evaluate_only:
+            out["evaluated_again_with"] = out["command"]
+            out["command"] = old["command"]
     for task_name in args.tasks:
         base = task_name.split("-")[0]
         task = build_task(base, tok, model, n_train=args.n_train, n_test=args.n_test, seed=0)
@@ -83,24 +92,30 @@ def run_model(name: str, args) -> dict:
                                        "length": other.info.get("length"),
                                        "n": len(other.test)}
         for method in METHODS:
+            file = RESULTS / f"{name}-{task_name}-{method}.safetensors"
             t0 = time.perf_counter()
-            result = fs.extract.activation_scaling(
-                model, tok, task, method=method, steps=args.steps, batch_size=args.batch_size,
-                seed=0,
-                desc=f"{name} {task_name} {NAMES[method]}")
-            seconds = time.perf_counter() - t0
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            result.save(RESULTS / f"{name}-{task_name}-{method}.safetensors")
+            if args.evaluate_only:
+                result = fs.extract.ActivationScaling.load(file)
+            else:
+                result = fs.extract.activation_scaling(
+                    model, tok, task, method=method, steps=args.steps,
+                    batch_size=args.batch_size, seed=0,
+                    desc=f"{name} {task_name} {NAMES[method]}")
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                result.save(file)
+            seconds = result.info.get("train_seconds", round(time.perf_counter() - t0, 1))
+            if args.evaluate_only and "train_seconds" not in result.info:
+                seconds = previous.get(task_name, {}).get(method)
             ev = evaluate_scaling(model, tok, result, task.test)
-            ev["train_seconds"] = round(seconds, 1)
+            ev["train_seconds"] = seconds
             ev["final_losses"] = result.info["final"]
             if method == "dyn" and other is not None:
                 ev["other_template"] = evaluate_scaling(model, tok, result, other.test)
             entry["methods"][method] = ev
             print(f"[{name}] {task_name} {NAMES[method]}: accuracy "
                   f"{ev['accuracy_before'][0]:.2f} -> {ev['accuracy_after'][0]:.2f}, "
-                  f"KL {ev['kl_answer'][0]:.3f}, changed {ev['minimality']['changed']}"
-                  f"/{ev['minimality']['units']} ({seconds:.0f} s)", flush=True)
+                  f"KL {ev['kl_answer'][0]:.3f}, moved {ev['minimality']['moved']}"
+                  f"/{ev['minimality']['locations']} ({seconds:.0f} s)", flush=True)
         out["tasks"][task_name] = entry
     return out
 
@@ -111,8 +126,8 @@ def _ci(v, digits=2) -> str:
 
 def table(results: list[dict]) -> str:
     lines = ["| model | task | n test | method | accuracy before → after | flipped | Δ logit diff "
-             "| KL answer | KL prefix | moved / units | parameters |",
-             "|---|---|---:|---|---|---:|---|---|---|---:|---:|"]
+             "| KL answer | KL prefix | moved / locations | Σ relative change | parameters |",
+             "|---|---|---:|---|---|---:|---|---|---|---:|---:|---:|"]
     for r in results:
         for task_name, entry in r["tasks"].items():
             for method, ev in entry["methods"].items():
@@ -122,8 +137,8 @@ def table(results: list[dict]) -> str:
                     f"| {r['model']} | {task_name} | {ev['n']} | {NAMES[method]} | "
                     f"{ev['accuracy_before'][0]:.2f} → {_ci(ev['accuracy_after'])} | {flipped} | "
                     f"{_ci(ev['ld_change'], 1)} | {_ci(ev['kl_answer'], 3)} | "
-                    f"{_ci(ev['kl_prefix'], 3)} | {m['changed']} / {m['units']} | "
-                    f"{m['parameters']} |")
+                    f"{_ci(ev['kl_prefix'], 3)} | {m['moved']} / {m['locations']} | "
+                    f"{m['relative_change']:.1f} | {m['parameters']} |")
     other = []
     for r in results:
         for task_name, entry in r["tasks"].items():
@@ -152,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=64, help="test prompts wanted (default 64)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--table", action="store_true", help="print the table from the JSON files")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="evaluate the saved results/scaling/*.safetensors again, no training")
     args = ap.parse_args(argv)
     models = args.model or ["smollm2", "gemma3"]
     if args.table:

@@ -13,7 +13,12 @@ the paper's three criteria:
   objective trades off), and ``kl_prefix`` -- the mean KL over the full vocabulary at
   every *earlier* position of the prompt (predictions the intervention was never
   trained on: the other tokens);
-* minimality: `ActivationScaling.changes` (parameters, how many moved, L1).
+* minimality, the same way for every method: at each location (site, layer, prompt
+  position) the edit's own relative change of the activation, |h~ - h| / |h|, averaged
+  over the prompts (the training-time edit applied to the activation the steered
+  forward produces there); ``moved`` counts locations above 5%, ``relative_change``
+  sums them (ActivScalar: sum |beta alpha|). Plus `ActivationScaling.changes`
+  (parameters, L1).
 
 Per-prompt values are bootstrapped over prompts (95% percentile intervals).
 """
@@ -65,6 +70,7 @@ def evaluate_scaling(model, tokenizer, result: ActivationScaling, examples, *,
             cols["kl_prefix"].append(kl.mean(-1).cpu())
     finally:
         st.unpatch()
+    locations = _location_changes(model, result, ids, batch_size)
     c = {k: torch.cat(v).double() for k, v in cols.items()}
     before, after = c["ld_before"] > 0, c["ld_after"] > 0
     columns = {"accuracy_before": before.double(), "accuracy_after": after.double(),
@@ -77,5 +83,46 @@ def evaluate_scaling(model, tokenizer, result: ActivationScaling, examples, *,
            **{k: list(v) for k, v in stats.items() if k in columns},
            "n_foil_before": int(wrong.sum()),
            "flipped": (float(after[wrong].double().mean()) if bool(wrong.any()) else None),
-           "minimality": result.changes()}
+           "minimality": {**result.changes(), "locations": int(locations.numel()),
+                          "moved": int((locations > MOVED).sum()),
+                          "relative_change": float(locations.sum())}}
     return out
+
+
+MOVED = 0.05      # a location "moved" when its activation changes by more than 5% on average
+
+
+@torch.no_grad()
+def _location_changes(model, result: ActivationScaling, ids, batch_size: int) -> torch.Tensor:
+    """Mean |h~ - h| / |h| per (site, layer, position) over the prompts, [S, L, T]."""
+    from ...sites import model_sites
+    ms = model_sites(model)
+    S, L, T = len(result.sites), len(result.layers), ids.shape[1]
+    sums = torch.zeros(S, L, T, dtype=torch.float64)
+    params = result.params.to(next(model.parameters()).device)
+    handles = []
+
+    def hook(s, j):
+        def fn(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            new = params.edit(s, j, h)
+            rel = (new - h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
+            sums[s, j] += rel.sum(0).double().cpu()
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            return new
+        return fn
+
+    for s, site in enumerate(result.sites):
+        for j, layer in enumerate(result.layers):
+            module = ms.points[ms.stream_point(layer, site)].module
+            handles.append(module.register_forward_hook(hook(s, j)))
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[i:i + batch_size].to(device), logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        result.params.cpu()
+    return sums / ids.shape[0]

@@ -17,6 +17,7 @@ are tiny (ActivScalar: sites x layers x positions scalars).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -131,6 +132,7 @@ def activation_scaling(model: nn.Module, tokenizer, examples, *, method: str = "
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / steps)
         g = torch.Generator().manual_seed(seed)
         history = []
+        started = time.perf_counter()
         label = desc or f"{METHOD_NAMES[method]} ({N} prompts)"
         with TrainingHooks(model, params, sites, layers), \
                 tqdm(range(steps), desc=label, unit="step", disable=not progress) as bar:
@@ -164,6 +166,7 @@ def activation_scaling(model: nn.Module, tokenizer, examples, *, method: str = "
     params = params.cpu().requires_grad_(False)
     info = {"steps": steps, "lr": lr, "lambda_faith": lambda_faith, "lambda_min": lambda_min,
             "batch_size": batch_size, "seed": seed, "n_train": N, "prompt_tokens": T,
+            "train_seconds": round(time.perf_counter() - started, 1),
             "activation_norms": norms.tolist(), "final": history[-1],
             "history_every_10": history[::10]}
     return ActivationScaling(params, sites, layers, model_type=ms.model_type, info=info)
