@@ -234,7 +234,9 @@ def test_mixed_with_stream_sites(arch):
     regrouped = [p for s in order for p in ivs if p[1].site == s]
     assert regrouped != ivs
     logits, _ = fasteer_outputs(model, [([a for a, _ in regrouped], None)], ids, mask, caches=())
-    _close(logits, out[0], "regrouped by site", atol=1e-6)
+    # (the vectors land in other bank rows, which can change the CPU kernel's summation
+    # order: float32 rounding, measured up to 1.1e-6 with transformers 4.57)
+    _close(logits, out[0], "regrouped by site", atol=1e-5)
 
     # order within a site does: Scale then Add at mlp_out[1] differs from Add then Scale
     i_add, i_scale = 0, 4
