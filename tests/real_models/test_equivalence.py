@@ -31,7 +31,7 @@ import torch
 
 import fasteer as fs
 from fasteer.sites import decoder_layers
-from hook_reference import HookReference, RefEdit, branch_path, pair
+from hook_reference import HookReference, RefEdit, branch_path, component_paths, pair
 from real_models._load import NAMES, load
 from sae_reference import SAEHookReference, feature_pair, replace_pair
 
@@ -188,7 +188,9 @@ def run_reference(name, row_edits, caches=CACHES, sae=False):
     model, tok = load(name)
     ids, mask = _batch(name)
     cls = SAEHookReference if sae else HookReference
-    ref = cls(model, decoder_layers(model), branch_path(model.config.model_type), row_edits)
+    model_type = model.config.model_type
+    ref = cls(model, decoder_layers(model), branch_path(model_type), row_edits,
+              components=component_paths(model_type))
     logits, gens = None, {}
     with ref, torch.no_grad():
         ref.begin(mask)

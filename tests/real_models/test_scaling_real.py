@@ -19,10 +19,10 @@ from fasteer.extract.scaling.evaluate import evaluate_scaling
 from fasteer.extract.scaling.hooks import TrainingHooks
 from fasteer.extract.scaling.tasks import build_task, encode
 from fasteer.sites import decoder_layers
-from hook_reference import COMPONENTS, HookReference, branch_path, pair
+from hook_reference import COMPONENTS, pair
 from real_models._load import NAMES, load
-from real_models.test_equivalence import (CACHES, PROMPTS, _batch, _generate, _layers, check,
-                                          run_fasteer)
+from real_models.test_equivalence import (PROMPTS, _batch, _layers, check, run_fasteer,
+                                          run_reference)
 
 
 def _component_norm(name, site, layer) -> float:
@@ -40,21 +40,6 @@ def _component_norm(name, site, layer) -> float:
     finally:
         h.remove()
     return float(seen[0][mask.bool()].norm(dim=-1).median())
-
-
-def _run_reference(name, row_edits, caches=CACHES):
-    model, tok = load(name)
-    ids, mask = _batch(name)
-    ref = HookReference(model, decoder_layers(model), branch_path(model.config.model_type),
-                        row_edits, components=COMPONENTS[model.config.model_type])
-    with ref, torch.no_grad():
-        ref.begin(mask)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        gens = {}
-        for c in caches:
-            ref.begin(mask)
-            gens[c] = _generate(model, tok, ids, mask, c)
-    return logits, gens
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -77,7 +62,7 @@ def test_component_sites_match_the_reference(name):
                                           **sized("mlp_out", last, 1.0)})
     ablate = pair("ablate", [mid], site="attn_out", vectors=sized("attn_out", mid, 1.0))
     out = run_fasteer(name, [([scale[0], add[0]], [0]), ([clamp[0]], [1]), ([ablate[0]], [2])])
-    ref = _run_reference(name, [[scale[1], add[1]], [clamp[1]], [ablate[1]], []])
+    ref = run_reference(name, [[scale[1], add[1]], [clamp[1]], [ablate[1]], []])
     check(name, out, ref, steered_rows=[0, 1], unsteered_rows=[3])
 
 

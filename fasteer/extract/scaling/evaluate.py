@@ -54,6 +54,7 @@ def evaluate_scaling(model, tokenizer, result: ActivationScaling, examples, *,
                          f"tokens (one parameter per position), these have {T}")
     device = next(model.parameters()).device
     cols = {k: [] for k in ("ld_before", "ld_after", "kl_answer", "kl_prefix")}
+    steering = result.interventions()
     st = patch(model)
     try:
         for i in range(0, N, batch_size):
@@ -61,7 +62,7 @@ def evaluate_scaling(model, tokenizer, result: ActivationScaling, examples, *,
             t, f = target[i:i + batch_size].to(device), foil[i:i + batch_size].to(device)
             st.clear()
             clean = model(input_ids=x).logits.float()
-            st.set(*result.interventions())
+            st.set(*steering)
             steered = model(input_ids=x).logits.float()
             cols["ld_before"].append(logit_difference(clean[:, -1], t, f).cpu())
             cols["ld_after"].append(logit_difference(steered[:, -1], t, f).cpu())
