@@ -492,17 +492,25 @@ class Steerer:
         return out
 
     def watch(self, sae, features, *, max_tokens: int = 256, tokens: str = "all", layer=None,
-              site=None, batch_size: int | None = None):
+              site=None, batch_size: int | None = None, value: str = "edited"):
         """Record SAE ``features``' activations for every token into a preallocated buffer
         ``[batch, max_tokens, K]``; returns a `fasteer.sae.watch.Watch` (``.values()``,
-        ``.clear()``, ``.remove()``). ``tokens="generated"`` records only tokens fed after
-        the prompt. Reads the stream after fasteer's edits at the SAE's site (default: its
-        layer and site) with one [N, D] x [D, K] product per forward (the full encode for
-        TopK SAEs); see `fasteer.sae.watch` for the cost."""
+        ``.edited_values()``, ``.encoded_values()``, ``.clear()``, ``.remove()``).
+        ``tokens="generated"`` records only tokens fed after the prompt.
+
+        ``value`` picks what is recorded (docs/watch.md): ``"edited"`` (default) -- the
+        latent as fasteer's edits at this point set it: ``op(z_k)`` where a FeatureEdit /
+        SAEReplace of this SAE edits feature k here (``FeatureEdit(sae, k, "set", 40)`` reads
+        40), else ``z_k`` of the stream before the edits here (after upstream steering);
+        ``"encoded"`` -- the SAE's encoding of the stream after fasteer's edits here (what
+        later layers see; the only value before this option existed); ``"both"``.
+        Placement defaults to the SAE's layer and site. Cost: one [N, D] x [D, K] product per
+        forward and value (the full encode for TopK SAEs), plus a float32 replay of the
+        point's edits where one edits a watched feature; see `fasteer.sae.watch`."""
         from .sae.watch import Watch
         self._check_patched()
         w = Watch(self, sae, features, max_tokens=max_tokens, tokens=tokens, layer=layer,
-                  site=site, batch_size=batch_size)
+                  site=site, batch_size=batch_size, value=value)
         self.__dict__.setdefault("_watches", []).append(w)
         return w
 

@@ -184,3 +184,68 @@ def test_fgaa_bad_input(llama):
     with pytest.warns(UserWarning, match=r"trained at resid_post\[1\].*resid_post\[4\]"), \
             pytest.raises(ValueError, match="out of range"):
         fgaa(model, tok, sae, pos, neg, layer=4, progress=False)
+
+
+# ------------------------------------------------------------- effect mapping (SAE-TS)
+def _unit(x):
+    return x / x.norm()
+
+
+def _approximator(layer=1, site="resid_post", d=D, f=F, seed=71):
+    from fasteer.extract import EffectApproximator
+    g = torch.Generator().manual_seed(seed)
+    return EffectApproximator(torch.randn(d, f, generator=g), torch.randn(f, generator=g),
+                              layer=layer, site=site, metadata={"vector_norm": 3.0})
+
+
+def test_fgaa_effect_mapping_matches_the_formula(llama):
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=51, layer=1, site="resid_post", gain=0.5)
+    pos, neg = prompts(6, 1), prompts(5, 2)
+    approx = _approximator()
+    common = dict(density_threshold=0.35, top_k=6, batch_size=4, progress=False)
+    sv = fgaa(model, tok, sae, pos, neg, approximator=approx, **common)
+    _, order, v = direct_fgaa(model, tok, sae, pos, neg, threshold=0.35, top_k=6, bos_filter=True)
+    t = torch.zeros(F, dtype=torch.float64)
+    t[order] = v[order]
+    W, b = approx.W.double(), approx.b.double()
+    want = _unit(_unit(W @ t) - _unit(W @ b))
+    got = sv.directions[1].double()
+    assert torch.allclose(got, want, atol=1e-6)
+    assert float(got.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert sv.metadata["mapping"] == "effect" and sv.metadata["features"] == order
+    assert "unit(W v_target)" in sv.metadata["formula"]
+    # explicit mapping="decoder" with an approximator ignores it; the default without one
+    # is the decoder mapping, unchanged
+    dec = fgaa(model, tok, sae, pos, neg, approximator=approx, mapping="decoder", **common)
+    plain = fgaa(model, tok, sae, pos, neg, **common)
+    assert plain.metadata["mapping"] == "decoder" and dec.metadata["mapping"] == "decoder"
+    assert torch.equal(dec.directions[1], plain.directions[1])
+    vec, _, _ = direct_fgaa(model, tok, sae, pos, neg, threshold=0.35, top_k=6, bos_filter=True)
+    assert float((plain.directions[1].double() - vec).abs().max()) <= 1e-5 * float(vec.abs().max())
+    assert not torch.allclose(plain.directions[1].double() / vec.norm(), got, atol=1e-2)
+
+
+def test_fgaa_effect_mapping_errors_before_any_forward(llama):
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=54, layer=1, site="resid_post")
+    pos, neg = prompts(3, 6), prompts(3, 7)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="mapping='effect' needs approximator="):
+            fgaa(model, tok, sae, pos, neg, mapping="effect", progress=False)
+        with pytest.raises(ValueError, match="mapping: expected 'decoder' or 'effect'"):
+            fgaa(model, tok, sae, pos, neg, mapping="pinv", progress=False)
+        with pytest.raises(TypeError, match="approximator: expected a fasteer.extract.EffectApproximator"):
+            fgaa(model, tok, sae, pos, neg, approximator="fx", progress=False)
+        with pytest.raises(ValueError, match=rf"approximator: fitted for d_model={D}, d_sae={F + 1}"):
+            fgaa(model, tok, sae, pos, neg, approximator=_approximator(f=F + 1), progress=False)
+        with pytest.raises(ValueError, match=r"approximator: fitted at resid_post\[2\], but the vector "
+                                             r"is built for resid_post\[1\]"):
+            fgaa(model, tok, sae, pos, neg, approximator=_approximator(layer=2), progress=False)
+        with pytest.raises(ValueError, match=r"fitted at resid_pre\[1\]"):
+            fgaa(model, tok, sae, pos, neg, approximator=_approximator(site="resid_pre"), progress=False)
+        assert calls == []
+    finally:
+        handle.remove()

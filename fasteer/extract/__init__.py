@@ -7,6 +7,7 @@ layer (see `fasteer.extract.activations`) and return a `fasteer.SteeringVector`.
 from .ablation import ablation_direction
 from .activations import collect_activations
 from .caa import caa
+from .effects import EffectApproximator, fit_effect_approximator, targeted_vector
 from .fgaa import feature_density, fgaa
 from .files import extract_from_files
 from .instruction import InstructionSteering, instruction
@@ -19,10 +20,13 @@ __all__ = [
     "ActivationScaling",
     "caa",
     "collect_activations",
+    "EffectApproximator",
     "extract_from_files",
     "feature_density",
+    "fit_effect_approximator",
     "fgaa",
     "instruction",
     "InstructionSteering",
     "pca",
+    "targeted_vector",
 ]

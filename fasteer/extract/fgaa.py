@@ -28,6 +28,7 @@ from fasteer.sae.site_reader import PointReader
 from fasteer.sites import model_sites
 from fasteer.vectors import SteeringVector
 
+from .effects import EffectApproximator, effect_direction
 from .activations import (_model_device, _pad_id, check_prompts, encode_prompts, model_metadata,
                           pad_batch)
 
@@ -163,6 +164,8 @@ def fgaa(
     system_prompt: str | None = None,
     padding_side: str | None = None,
     progress: bool = True,
+    approximator: "EffectApproximator | None" = None,
+    mapping: str | None = None,
 ) -> SteeringVector:
     """FGAA steering vector at the SAE's layer and site.
 
@@ -182,26 +185,38 @@ def fgaa(
        of any prompt that starts with the tokenizer's ``bos_token_id`` (no-op for tokenizers
        that add no BOS).
     4. Keep the ``top_k`` largest *positive* entries of what is left: ``v_target``.
-    5. ``v = sum_k v_target[k] * W_dec[k] / s`` (`fasteer.SAE.feature_decoder`: the decoder
-       row in residual units, ``s`` the SAE's input scale; no b_dec), float32, returned as a
-       `fasteer.SteeringVector` ``{layer: v}`` at ``site``; use it with ``fs.Add(v, alpha)``.
-       Its metadata records the kept features and their weights and how many were dropped.
+    5. Map ``v_target`` (zero outside the kept features) to the residual stream, by
+       ``mapping``:
 
-    What of the paper this is and is not: steps 1-4 follow the paper's contrast in SAE
-    space, density filtering (threshold 0.01), BOS-feature removal and top-k selection;
-    fasteer keeps only the top-k *positive* entries. The paper then maps ``v_target`` to the
-    residual stream with SAE-TS's *linear effect approximator* (Chalnev et al. 2024): a
-    learned linear model of how adding a steering vector changes every SAE feature, used to
-    find the vector whose predicted effect best matches ``v_target`` while limiting side
-    effects; that vector is then scaled for steering. **The effect approximator is not
-    implemented**: it needs a training run of thousands of steered forwards per model and
-    SAE. fasteer decodes ``v_target`` through W_dec instead (SAE decoder steering, weighted
-    by the contrast) and does not normalise the result: the vector keeps its natural scale,
-    and ``alpha`` multiplies it.
+       * ``"effect"`` (the paper's step; the default when ``approximator`` is given): with
+         SAE-TS's linear effect approximator ``M(s) = s W + b`` (Chalnev et al. 2024;
+         `fasteer.extract.fit_effect_approximator`, ``W`` [d_model, d_sae]),
+         ``v = unit(unit(W v_target) - unit(W b))`` -- the SAE-TS targeted vector of
+         `fasteer.extract.targeted_vector` with ``bias_scale = 1``. ``v`` has unit norm:
+         ``fs.Add(v, alpha)`` adds ``alpha`` residual units (the paper's steering scale).
+         The approximator must have been fitted for this SAE at this layer and site.
+       * ``"decoder"`` (the default without an approximator; not the paper's):
+         ``v = sum_k v_target[k] * W_dec[k] / s`` (`fasteer.SAE.feature_decoder`: the
+         decoder row in residual units, ``s`` the SAE's input scale; no b_dec), SAE decoder
+         steering weighted by the contrast, not normalised (it keeps its natural scale, and
+         ``alpha`` multiplies it).
+
+       Returned as a float32 `fasteer.SteeringVector` ``{layer: v}`` at ``site``; use it
+       with ``fs.Add(v, alpha)``. Its metadata records the mapping, the kept features and
+       their weights and how many were dropped.
+
+    What of the paper this is: steps 1-4 follow the paper's contrast in SAE space,
+    density filtering (threshold 0.01), BOS-feature removal and top-k selection; fasteer
+    keeps only the top-k *positive* entries. Step 5 with ``mapping="effect"`` is the
+    paper's use of the SAE-TS effect approximator (the approximator itself costs a
+    training run of many steered generations per model and SAE; fit it once, save it);
+    ``mapping="decoder"`` is fasteer's cheaper stand-in.
 
     Raises ValueError before any forward for a non-SAE, an SAE whose d_in differs from the
-    model's hidden size, a layer out of range, bad thresholds, and when no feature survives
-    the filters (the message says how many each filter dropped).
+    model's hidden size, a layer out of range, bad thresholds, an unknown ``mapping``,
+    ``mapping="effect"`` without an approximator, an approximator fitted for another SAE
+    width or another layer/site; and when no feature survives the filters (the message
+    says how many each filter dropped).
     """
     pos = check_prompts(positive, "positive")
     neg = check_prompts(negative, "negative")
@@ -225,6 +240,18 @@ def fgaa(
         if not bool(torch.isfinite(density).all()) or bool((density < 0).any()) or \
                 bool((density > 1).any()):
             raise ValueError("density: expected finite firing rates in [0, 1]")
+    if approximator is not None and not isinstance(approximator, EffectApproximator):
+        raise TypeError(f"approximator: expected a fasteer.extract.EffectApproximator or None, "
+                        f"got {type(approximator).__name__}")
+    if mapping is None:
+        mapping = "effect" if approximator is not None else "decoder"
+    if mapping not in ("decoder", "effect"):
+        raise ValueError(f"mapping: expected 'decoder' or 'effect', got {mapping!r}")
+    if mapping == "effect":
+        if approximator is None:
+            raise ValueError("mapping='effect' needs approximator= (an EffectApproximator from "
+                             "fasteer.extract.fit_effect_approximator or EffectApproximator.load)")
+        approximator.check_sae(sae, layer, site, who="approximator")
     enc = dict(chat_template=chat_template, system_prompt=system_prompt)
     encoded = encode_prompts(tokenizer, pos, name="positive", **enc) + \
         encode_prompts(tokenizer, neg, name="negative", **enc)
@@ -249,8 +276,19 @@ def fgaa(
     candidates = torch.where(keep, v_diff, torch.full_like(v_diff, -torch.inf))
     k = min(top_k, int(keep.sum()))
     weights, features = torch.topk(candidates, k)
-    rows = sae.feature_decoder(features.tolist(), dtype=torch.float64).cpu()   # [k, D]
-    vector = (weights.unsqueeze(-1) * rows).sum(0).float()
+    extra: dict[str, Any] = {}
+    if mapping == "effect":
+        target = torch.zeros(sae.d_sae, dtype=torch.float64)
+        target[features] = weights
+        direction, bias_used = effect_direction(approximator, target, 1.0)
+        vector = direction.float()
+        extra = dict(formula="unit(unit(W v_target) - unit(W b)), M(s) = s W + b "
+                             "(SAE-TS effect approximator)", bias_term=bias_used,
+                     approximator_vector_norm=approximator.metadata.get("vector_norm"),
+                     approximator_r2=approximator.metadata.get("r2_pooled"))
+    else:
+        rows = sae.feature_decoder(features.tolist(), dtype=torch.float64).cpu()   # [k, D]
+        vector = (weights.unsqueeze(-1) * rows).sum(0).float()
     meta = model_metadata(
         model, "fgaa", sae=sae.hook_name or sae.source or repr(sae),
         features=[int(f) for f in features], feature_weights=[float(w) for w in weights],
@@ -259,6 +297,7 @@ def fgaa(
         dropped_dense=int((dense & (v_diff > 0)).sum()),
         dropped_bos=int((bos & (v_diff > 0)).sum()), bos_prompts=stats.n_bos,
         n_positive=n, n_negative=len(neg), n_tokens=stats.n_tokens,
-        chat_template=bool(chat_template), system_prompt=system_prompt,
+        chat_template=bool(chat_template), system_prompt=system_prompt, mapping=mapping,
+        **extra,
     )
     return SteeringVector({layer: vector}, site=site, metadata=meta)
