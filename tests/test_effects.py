@@ -200,6 +200,16 @@ def test_save_load_round_trip(tmp_path):
     assert b.metadata == a.metadata
     with pytest.raises(ValueError, match="ending in .safetensors"):
         a.save(tmp_path / "fx.pt")
+    # float16 storage: half the bytes, loads as float32 equal to the rounded weights
+    half = EffectApproximator.load(a.save(tmp_path / "fx16.safetensors", dtype=torch.float16))
+    assert half.W.dtype == torch.float32
+    assert torch.equal(half.W, a.W.half().float()) and torch.equal(half.b, a.b.half().float())
+    assert not torch.equal(half.W, a.W)          # it really was rounded
+    with pytest.raises(ValueError, match="dtype"):
+        a.save(tmp_path / "fx64.safetensors", dtype=torch.float64)
+    big = EffectApproximator(a.W * 1e6, a.b, layer=2, site="resid_mid", metadata=a.metadata)
+    with pytest.raises(ValueError, match="does not fit float16"):
+        big.save(tmp_path / "big.safetensors", dtype=torch.float16)
 
 
 def _write(path, tensors, meta):

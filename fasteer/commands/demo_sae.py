@@ -71,8 +71,10 @@ def steering_groups(model, tok, sae, info):
 
 def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
     """One batched generate, group i on rows [i*P, (i+1)*P); returns per-group dicts with
-    the continuations, checker scores and the mean watched activation of ``feature`` over
-    generated tokens."""
+    the continuations, checker scores and the mean activation of ``feature`` over generated
+    tokens: ``watched`` the edited latent (what a FeatureEdit set it to), ``encoded`` the
+    SAE's reading of the stream after the edits (what later layers see; it also shows an
+    Add at the SAE's own site)."""
     import fasteer as fs
     from ..demo import world
     from . import _common as C
@@ -82,9 +84,10 @@ def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
     try:
         st.set_many([(iv, list(range(i * P, (i + 1) * P)))
                      for i, (_, iv) in enumerate(groups) if iv is not None])
-        watch = st.watch(sae, features=[feature], max_tokens=max_new, tokens="generated")
+        watch = st.watch(sae, features=[feature], max_tokens=max_new, tokens="generated",
+                         value="both")
         texts = C.generate_rows(model, tok, list(prompts) * len(groups), max_new, seed=seed)
-        acts = watch.values()[..., 0]
+        edited, encoded = watch.edited_values()[..., 0], watch.encoded_values()[..., 0]
     finally:
         st.unpatch()
     out = []
@@ -93,7 +96,8 @@ def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
         scores = world.evaluate(prompts, rows)
         out.append(dict(label=label, texts=rows, attribute=scores["attribute"],
                         grammaticality=scores["grammaticality"],
-                        watched=float(acts[i * P:(i + 1) * P].mean())))
+                        watched=float(edited[i * P:(i + 1) * P].mean()),
+                        encoded=float(encoded[i * P:(i + 1) * P].mean())))
     return out
 
 
@@ -116,11 +120,13 @@ def run_sae_demo(model, tok, prompts, max_new, seed) -> None:
     results = run_groups(model, tok, sae, k, groups, prompts, max_new, seed)
     print(f"one batched generate: {len(groups)} groups x {len(prompts)} prompts, watching "
           f"feature {k}, {time.perf_counter() - t0:.1f} s\n")
-    print(f"{'steering':<22} {'attribute':>9}  {'grammatical':>11}  {'feature ' + str(k):>11}"
-          f"   example")
+    print(f"{'steering':<22} {'attribute':>9}  {'grammatical':>11}  {'edited':>7}  "
+          f"{'re-encoded':>10}   example")
     for r in results:
         example = f"{prompts[0]} | {r['texts'][0].strip()}"
         print(f"{r['label']:<22} {r['attribute']:>9.2f}  {r['grammaticality']:>11.2f}  "
-              f"{r['watched']:>11.2f}   {example[:80]}")
+              f"{r['watched']:>7.2f}  {r['encoded']:>10.2f}   {example[:80]}")
     print(f"\nfeature {k}: its mean activation over generated tokens, recorded by "
-          "Steerer.watch while generating.")
+          "Steerer.watch while generating: 'edited' is the latent the FeatureEdit produced "
+          "(a set reads its value), 're-encoded' the SAE's reading of the edited stream, "
+          "which other features' decoder overlap also moves (docs/watch.md).")

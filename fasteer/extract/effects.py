@@ -167,17 +167,24 @@ class EffectApproximator:
         return s.to(torch.float32) @ W + b
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """One ``.safetensors`` file: tensors ``W`` [D, F] and ``b`` [F] (float32); the
-        header's ``__metadata__`` holds ``fasteer_effects`` (format version) and ``header``,
-        a JSON object with the metadata (``d_model``, ``d_sae``, ``layer``, ``site``
-        required)."""
+    def save(self, path, *, dtype: torch.dtype = torch.float32) -> Path:
+        """One ``.safetensors`` file: tensors ``W`` [D, F] and ``b`` [F] (float32, or
+        float16 with ``dtype=torch.float16`` -- half the size, for shipping; `load` returns
+        float32 either way); the header's ``__metadata__`` holds ``fasteer_effects`` (format
+        version) and ``header``, a JSON object with the metadata (``d_model``, ``d_sae``,
+        ``layer``, ``site`` required)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"path: expected a file name ending in .safetensors, got {str(path)!r}")
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"dtype: expected torch.float32 or torch.float16, got {dtype!r}")
+        if dtype == torch.float16:
+            big = float(max(self.W.abs().max(), self.b.abs().max()))
+            if big > float(torch.finfo(torch.float16).max):
+                raise ValueError(f"dtype: a weight of magnitude {big:.3g} does not fit float16")
         from safetensors.torch import save_file
         meta = {"fasteer_effects": FORMAT_VERSION, "header": json.dumps(self.metadata)}
-        tensors = {"W": self.W.contiguous(), "b": self.b.contiguous()}
+        tensors = {"W": self.W.to(dtype).contiguous(), "b": self.b.to(dtype).contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
@@ -188,7 +195,7 @@ class EffectApproximator:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such effect-approximator file: {str(path)!r}")
-        meta, tensors = load_safetensors(path, allowed_dtypes={"F32": 4})
+        meta, tensors = load_safetensors(path, allowed_dtypes={"F32": 4, "F16": 2})
         if meta.get("fasteer_effects") is None:
             raise FileFormatError(path, "fasteer_effects", "missing from the header's __metadata__ "
                                   "(not a file written by EffectApproximator.save)")
