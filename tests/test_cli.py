@@ -114,6 +114,9 @@ def test_info_names_the_active_backend_and_flags_a_bad_one(monkeypatch):
     res = fasteer("info")
     assert res.returncode == 0, res.stderr
     assert "active backend on cpu tensors: cpu  (FASTEER_BACKEND unset, so auto)" in res.stdout
+    # the shipped SAE is listed from its files (cfg.json, training.json)
+    assert "packaged SAEs" in res.stdout
+    assert "4096 ReLU features at blocks.8.hook_resid_post (FVE 0." in res.stdout
     monkeypatch.setenv("FASTEER_BACKEND", "reference")
     assert "active backend on cpu tensors: reference" in fasteer("info").stdout
     monkeypatch.setenv("FASTEER_BACKEND", "bogus")

@@ -47,7 +47,27 @@ def collect() -> dict:
     except ImportError:
         info["transformers"] = None
         info["real_models"] = {}
+    info["packaged_saes"] = _packaged_saes()
     return info
+
+
+def _packaged_saes() -> dict:
+    """{model name: one-line description} of the SAEs shipped in the package (read from
+    their cfg.json / training.json, no weights loaded)."""
+    import json
+
+    from ..sae.packaged import PACKAGED_SAES, packaged_sae_path
+    out = {}
+    for name in PACKAGED_SAES:
+        try:
+            folder = packaged_sae_path(name)
+            cfg = json.loads((folder / "cfg.json").read_text())
+            q = json.loads((folder / "training.json").read_text())["quality_held_out"]
+            out[name] = (f"{cfg['d_sae']} ReLU features at {cfg['hook_name']} "
+                         f"(FVE {q['fve']:.2f}, L0 {q['mean_l0']:.0f}; {folder})")
+        except (OSError, KeyError, ValueError) as exc:
+            out[name] = f"unreadable: {exc}"
+    return out
 
 
 def run(args) -> int:
@@ -76,4 +96,8 @@ def run(args) -> int:
             where = (f"converted: {m['folder']}" if m["folder"] else "converted on first use")
             print(f"  {name:<10} {'yes' if m['installed'] else 'no '}  "
                   f"{where if m['installed'] else 'install: ' + m['install']}")
+    if info["packaged_saes"]:
+        print("packaged SAEs (fasteer.sae.packaged.load_packaged_sae(NAME)):")
+        for name, line in info["packaged_saes"].items():
+            print(f"  {name:<10} {line}")
     return 0
