@@ -191,6 +191,9 @@ def run(args) -> int:
             print(f"{name}/{method}: α={report.best_alpha:g} concept "
                   f"{best.scores['concept'][0]:.2f} fluency {best.scores['fluency'][0]:.2f} "
                   f"combined {best.scores['combined'][0]:.2f}", flush=True)
+            if path.exists():       # another process may have added methods meanwhile
+                entry["methods"] = {**json.loads(path.read_text()).get("methods", {}),
+                                    method: entry["methods"][method]}
             path.write_text(json.dumps(entry, indent=1) + "\n")
     write_table()
     return 0

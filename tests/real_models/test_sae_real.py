@@ -79,8 +79,9 @@ def test_quality_on_unseen_text(packaged):
     assert q["ce_spliced"] < q["ce_zero"], q
     assert q["loss_recovered"] > 0.5, q
     # the wrong layer's stream is not reconstructed
-    wrong = sae_quality(model, tok, sae.to(dtype=torch.float32), TEXTS, layer=20,
-                        site="resid_post", progress=False)
+    with pytest.warns(UserWarning, match="trained at resid_post\\[8\\]"):
+        wrong = sae_quality(model, tok, sae.to(dtype=torch.float32), TEXTS, layer=20,
+                            site="resid_post", progress=False)
     assert wrong["fve"] < q["fve"] - 0.2, (wrong["fve"], q["fve"])
 
 
