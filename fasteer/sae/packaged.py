@@ -14,7 +14,10 @@ Each is an ordinary SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) 
 hyper-parameters, the held-out quality (fraction of variance explained, L0, dead features,
 cross-entropy with the SAE spliced in), the corpus firing density of every feature (pass it
 to ``fs.extract.fgaa(density=...)``) and the sha256 of the model weights it was trained on.
-An SAE only means something on the activations it was trained on: ``check_model=True``
+``effects.safetensors`` is the SAE-TS effect approximator fitted for it
+(`fasteer.extract.EffectApproximator.load`; pass it to ``fs.extract.fgaa(approximator=)``
+or ``fs.extract.targeted_vector``; how it was fitted and how well it predicts: its header
+and docs/sae_steering.md). An SAE only means something on the activations it was trained on: ``check_model=True``
 compares that hash with the converted model folder and refuses a mismatch.
 """
 from __future__ import annotations
