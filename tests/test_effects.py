@@ -5,7 +5,6 @@ errors before any forward, and `targeted_vector` against its formula in float64.
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,24 +14,17 @@ import fasteer as fs
 from fasteer.extract import EffectApproximator, fit_effect_approximator, targeted_vector
 from fasteer.extract.effects import fit_effect_map, measure_effects, row_uniforms
 from sae_reference import random_sae
-from test_fgaa import D, F, WORDS, _scaled, make_tokenizer, prompts  # noqa: F401
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from test_fgaa import D, F, prompts, tiny_gpt2, tiny_llama  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=D, intermediate_size=56,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    return _scaled(LlamaForCausalLM(config)), make_tokenizer(bos=True)
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(WORDS) + 4, n_embd=D, n_layer=3, n_head=4, n_positions=64)
-    return _scaled(GPT2LMHeadModel(config)), make_tokenizer(bos=False)
+    return tiny_gpt2()
 
 
 # ------------------------------------------------------------------ regression

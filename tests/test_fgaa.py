@@ -39,8 +39,9 @@ def _scaled(model):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def llama():
+def tiny_llama():
+    """(model, tokenizer): a 3-layer Llama over WORDS with O(1) random weights, BOS added
+    (shared by test_effects and test_sae_quality)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=D, intermediate_size=56,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -48,11 +49,21 @@ def llama():
     return _scaled(LlamaForCausalLM(config)), make_tokenizer(bos=True)
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def tiny_gpt2():
+    """(model, tokenizer): a 3-layer GPT-2 over WORDS, no BOS."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(WORDS) + 4, n_embd=D, n_layer=3, n_head=4, n_positions=64)
     return _scaled(GPT2LMHeadModel(config)), make_tokenizer(bos=False)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2()
 
 
 def prompts(n, seed, lo=2, hi=8):

@@ -13,52 +13,22 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import fasteer as fs
 from fasteer.sae import format_contexts, label_table, sae_quality, top_contexts
 from sae_reference import random_sae
-
-WORDS = "the a cat dog sat ran on mat happy sad very not is was big small red blue it we they".split()
-D, F = 40, 61
-
-
-def make_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
-    specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A",
-                                                           special_tokens=[("[BOS]", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                   model_input_names=["input_ids", "attention_mask"],
-                                   unk_token="[UNK]", pad_token="[PAD]")
-
-
-def _scaled(model):
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-    return model.eval()
+from test_fgaa import D, F, WORDS, tiny_gpt2, tiny_llama  # noqa: F401
+from transformers import GPT2LMHeadModel
 
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=D, intermediate_size=56,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    return _scaled(LlamaForCausalLM(config)), make_tokenizer(bos=True)
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(WORDS) + 4, n_embd=D, n_layer=3, n_head=4, n_positions=64)
-    return _scaled(GPT2LMHeadModel(config)), make_tokenizer(bos=False)
+    return tiny_gpt2()
 
 
 def texts_(n, seed, lo=1, hi=9):
