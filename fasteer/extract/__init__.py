@@ -11,6 +11,7 @@ from .effects import EffectApproximator, fit_effect_approximator, targeted_vecto
 from .fgaa import feature_density, fgaa
 from .files import extract_from_files
 from .instruction import InstructionSteering, instruction
+from .instruction_layers import LayerChoice, compose, search_layer
 from .pca import pca
 from .scaling import ActivationScaling, activation_scaling
 
@@ -19,6 +20,7 @@ __all__ = [
     "activation_scaling",
     "ActivationScaling",
     "caa",
+    "compose",
     "collect_activations",
     "EffectApproximator",
     "extract_from_files",
@@ -27,6 +29,8 @@ __all__ = [
     "fgaa",
     "instruction",
     "InstructionSteering",
+    "LayerChoice",
     "pca",
+    "search_layer",
     "targeted_vector",
 ]
