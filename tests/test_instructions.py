@@ -35,11 +35,30 @@ def test_every_shipped_instruction_has_cases():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_checker_accepts_and_rejects(name):
+    if name == "french":
+        pytest.importorskip("lingua")       # fasteer[eval]; the main test stage installs it
     instruction = get_instruction(name)
     good, bad = CASES[name]
     assert instruction.verdicts(good).tolist() == [1.0] * len(good), name
     assert instruction.verdicts(bad).tolist() == [0.0] * len(bad), name
     assert instruction.verdicts(good).dtype == torch.float64
+
+
+def test_language_checker_without_lingua_says_how_to_install(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_lingua(name, *a, **k):
+        if name == "lingua":
+            raise ImportError("no lingua")
+        return real(name, *a, **k)
+
+    ins._language_detector.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_lingua)
+    with pytest.raises(ImportError, match=r"pip install 'fasteer\[eval\]'"):
+        ins.in_language("Bonjour à tous", "french")
+    monkeypatch.undo()
+    ins._language_detector.cache_clear()
 
 
 def test_word_helpers():

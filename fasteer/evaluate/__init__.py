@@ -7,7 +7,9 @@
 Modules, one concept each: `concepts` (the shipped contrastive datasets and prompt
 splits), `judges` (offline concept judges), `fluency` (NLL under the unsteered model,
 looping), `stats` (bootstrap intervals, harmonic mean), `sweep` (one generate per
-strength sweep), `run` (`evaluate`), `report` and `plot`.
+strength sweep), `run` (`evaluate`), `report` and `plot`; for instruction following,
+`instructions` (verifiable instructions and their request splits) and `responses` (greedy
+chat answers, each block of prompts steered its own way, with their fluency).
 """
 from .concepts import Concept, load_concept, load_prompts, names as concept_names
 from .report import AlphaScores, EvalReport
