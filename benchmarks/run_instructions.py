@@ -213,8 +213,9 @@ def report() -> str:
     lines = ["# Instruction steering on SmolLM2-135M-Instruct", "",
              f"Command: `{meta.get('command', 'python benchmarks/run_instructions.py')}` "
              f"({meta.get('date', '?')}, {meta.get('machine', '?')}, torch {meta.get('torch', '?')}, "
-             f"transformers {meta.get('transformers', '?')}). Greedy decoding; 95% bootstrap "
-             "intervals over the test requests (seed 0).", "",
+             f"transformers {meta.get('transformers', '?')}, {meta.get('torch_threads', '?')} "
+             f"torch threads). Model: {meta.get('model', '?')}. Greedy decoding, no sampling; "
+             "95% percentile-bootstrap intervals over the test requests (seed 0).", "",
              "## Compliance per condition (test requests)", "",
              "| instruction | steering chosen (validation) | " + " | ".join(
                  LABELS[c] for c in CONDITIONS) + " |",

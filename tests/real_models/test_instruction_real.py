@@ -6,7 +6,7 @@ ones the benchmark's layer search chose on the validation requests (see its repo
 test requests are the first 16 of the test split (topics unseen in extraction and search),
 answered greedily, 40 new tokens. Measured in this test's own batch: title 0.00 -> 0.81,
 short (at most 30 words) 0.12 -> 0.94, looping 0.00 for both (the benchmark, 48 requests
-and 80 tokens: title 0.00 -> 0.85, short in report.md). With 16 binary verdicts the standard
+and 80 tokens: title 0.00 -> 0.85, short 0.00 -> 0.83). With 16 binary verdicts the standard
 error of a share near 0.8 is about 0.1, so the required gain of 0.5 passes with room while
 "did nothing" (a gain near 0) fails. Looping (4-gram repetition > 0.5) is 0.00 at these
 settings; title clamped on every position (the paper's rule) at the same layer loops in 0.54 (validation
