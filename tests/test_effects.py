@@ -14,17 +14,7 @@ import fasteer as fs
 from fasteer.extract import EffectApproximator, fit_effect_approximator, targeted_vector
 from fasteer.extract.effects import fit_effect_map, measure_effects, row_uniforms
 from sae_reference import random_sae
-from test_fgaa import D, F, prompts, tiny_gpt2, tiny_llama  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiny_gpt2()
+from test_fgaa import D, F, gpt2, llama, prompts, tiny_gpt2, tiny_llama  # noqa: F401
 
 
 # ------------------------------------------------------------------ regression

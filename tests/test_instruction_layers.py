@@ -12,14 +12,9 @@ from fasteer.evaluate.responses import Responses, generate_responses
 from fasteer.extract.instruction_layers import (
     compose, make_intervention, score_responses, search_layer, stolfo_layers)
 from hook_reference import HookReference, RefEdit, branch_path, component_paths, one_thread  # noqa: F401
-from test_fgaa import prompts, tiny_gpt2, tiny_llama
+from test_fgaa import llama, prompts, tiny_gpt2, tiny_llama  # noqa: F401 (llama: a fixture)
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
 
 
 def _steering(model, tok, layers=(0, 1, 2)):

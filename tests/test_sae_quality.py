@@ -17,18 +17,8 @@ import torch
 import fasteer as fs
 from fasteer.sae import format_contexts, label_table, sae_quality, top_contexts
 from sae_reference import random_sae
-from test_fgaa import D, F, WORDS, tiny_gpt2, tiny_llama  # noqa: F401
+from test_fgaa import D, F, WORDS, gpt2, llama, tiny_gpt2, tiny_llama  # noqa: F401
 from transformers import GPT2LMHeadModel
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiny_gpt2()
 
 
 def texts_(n, seed, lo=1, hi=9):
