@@ -123,9 +123,9 @@ def run_instruction(model, tok, name: str, args) -> dict:
     return result
 
 
-def load_choice(model, tok, name: str, key: str = "choice"):
-    """Re-extract ``name``'s vector (cheap, deterministic) and rebuild its chosen intervention
-    from the stored JSON."""
+def load_choice(name: str, key: str = "choice"):
+    """Load ``name``'s saved vector and rebuild its chosen intervention from the stored
+    JSON."""
     import fasteer as fs
     from fasteer.extract.instruction_layers import make_intervention
     data = json.loads((OUT / f"{name}.json").read_text())[key]
@@ -143,8 +143,8 @@ def run_composition(model, tok, args, fmt: str = "title", length: str = "short")
     from fasteer.evaluate.instructions import get_instruction, load_requests
     from fasteer.evaluate.responses import generate_responses
     fmt_i, len_i = get_instruction(fmt), get_instruction(length)
-    iv_f, _ = load_choice(model, tok, fmt)
-    iv_l, _ = load_choice(model, tok, length)
+    iv_f, _ = load_choice(fmt)
+    iv_l, _ = load_choice(length)
     if iv_f is None or iv_l is None:
         return {"skipped": f"no steering chosen for {fmt if iv_f is None else length}"}
     test = load_requests("test", args.n_test)
@@ -209,6 +209,7 @@ def _ci(d: dict, digits: int = 2) -> str:
 def report() -> str:
     """report.md from the JSON files (the README table is this file's first table)."""
     from fasteer.evaluate.instructions import names
+    from fasteer.extract.instruction_layers import choice_table
     meta = json.loads((OUT / "run.json").read_text()) if (OUT / "run.json").exists() else {}
     lines = ["# Instruction steering on SmolLM2-135M-Instruct", "",
              f"Command: `{meta.get('command', 'python benchmarks/run_instructions.py')}` "
@@ -245,7 +246,7 @@ def report() -> str:
             searches += [f"### {name}, {title}: "
                          + ("no steering" if c["layer"] is None else
                             f"layer {c['layer']} ({c['positions']}, value {c['value']:.3g})"), "",
-                         _candidate_table(c), ""]
+                         choice_table(c), ""]
     n = next((json.loads((OUT / f"{x}.json").read_text())["settings"] for x in names()
               if (OUT / f"{x}.json").exists()), {})
     lines += ["", f"n = {n.get('n_test', '?')} test requests per cell ({n.get('n_train', '?')} "
@@ -279,21 +280,6 @@ def report() -> str:
             out.append(f"| {row['weight']:g} | {_ci(row['words'], 0)} | {_ci(row['compliance'])} "
                        f"| {_ci(row['stopped'])} | {row['looping']['mean']:.2f} |")
     return "\n".join(out + searches) + "\n"
-
-
-def _candidate_table(c: dict) -> str:
-    rows = ["| layer | positions | value | compliance | degenerate | looping | words | |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
-    for cand in [c["baseline"]] + c["candidates"]:
-        chosen = (cand["layer"], cand["value"], cand["positions"]) == (
-            c["layer"], c["value"], c["positions"])
-        mark = ("chosen" if chosen else "disqualified" if cand["disqualified"] else "")
-        rows.append(f"| {'-' if cand['layer'] is None else cand['layer']} | "
-                    f"{cand['positions'] or '-'} | "
-                    f"{'' if cand['value'] is None else format(cand['value'], '.3g')} | "
-                    f"{cand['compliance']:.2f} | {cand['degenerate']:.2f} | "
-                    f"{cand['looping']:.2f} | {cand['words']:.0f} | {mark} |")
-    return "\n".join(rows)
 
 
 def main(argv=None) -> None:

@@ -85,21 +85,28 @@ class LayerChoice:
                 "candidates": [asdict(c) for c in self.candidates]}
 
     def table(self) -> str:
-        """Markdown: one row per candidate, the chosen one marked."""
-        lines = ["| layer | positions | value | compliance | degenerate | looping | nll | words | |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for c in [self.baseline] + self.candidates:
-            mark = ("chosen" if (c.layer, c.value, c.positions) == (
-                self.layer, self.value, self.positions) and c.layer is not None
-                else "disqualified" if c.disqualified else "")
-            if c.layer is None:
-                mark = "chosen (no steering)" if self.layer is None else "no steering"
-            value = "" if c.value is None else f"{c.value:.3g}"
-            lines.append(f"| {'-' if c.layer is None else c.layer} | {c.positions or '-'} | "
-                         f"{value} | "
-                         f"{c.compliance:.2f} | {c.degenerate:.2f} | {c.looping:.2f} | "
-                         f"{c.nll:.2f} | {c.words:.0f} | {mark} |")
-        return "\n".join(lines)
+        """Markdown: one row per candidate, the chosen one marked (`choice_table`)."""
+        return choice_table(self.to_dict())
+
+
+def choice_table(choice: dict) -> str:
+    """Markdown table of a `LayerChoice.to_dict()` (also as stored in a results JSON): one
+    row per candidate, no steering first, the chosen one marked."""
+    chosen = (choice["layer"], choice["value"], choice["positions"])
+    lines = ["| layer | positions | value | compliance | degenerate | looping | nll | words | |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in [choice["baseline"]] + choice["candidates"]:
+        if c["layer"] is None:
+            mark = "chosen (no steering)" if choice["layer"] is None else "no steering"
+        elif (c["layer"], c["value"], c["positions"]) == chosen:
+            mark = "chosen"
+        else:
+            mark = "disqualified" if c["disqualified"] else ""
+        value = "" if c["value"] is None else f"{c['value']:.3g}"
+        lines.append(f"| {'-' if c['layer'] is None else c['layer']} | {c['positions'] or '-'} | "
+                     f"{value} | {c['compliance']:.2f} | {c['degenerate']:.2f} | "
+                     f"{c['looping']:.2f} | {c['nll']:.2f} | {c['words']:.0f} | {mark} |")
+    return "\n".join(lines)
 
 
 def make_intervention(steering: InstructionSteering, layer: int, mode: str, value: float,
