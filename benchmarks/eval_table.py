@@ -22,20 +22,25 @@ def cell(v) -> str:
     return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
 
 
-def main(folder: str = "benchmarks/results/eval") -> None:
-    rows = []
+def table(folder: str | Path = "benchmarks/results/eval") -> str:
+    """The table: one row per report in ``folder``."""
+    rows = ["| model | concept | layer | judge acc. | concept at α=0 | best α | concept | "
+            "fluency | combined | n |",
+            "|---|---|---|---:|---:|---:|---|---|---|---:|"]
     for path in sorted(Path(folder).glob("*.json")):
         r = EvalReport.load(path)
-        plot_report(r, path.with_suffix(".png"))
         best, base = r.at(r.best_alpha), r.at(0.0)
         rows.append(f"| {r.model} | {r.concept} | {r.layers} | {r.judge_accuracy:.2f} | "
                     f"{base.scores['concept'][0]:.2f} | {r.best_alpha:g} | "
                     f"{cell(best.scores['concept'])} | {cell(best.scores['fluency'])} | "
                     f"{cell(best.scores['combined'])} | {best.n} |")
-    print("| model | concept | layer | judge acc. | concept at α=0 | best α | concept | "
-          "fluency | combined | n |")
-    print("|---|---|---|---:|---:|---:|---|---|---|---:|")
-    print("\n".join(rows))
+    return "\n".join(rows)
+
+
+def main(folder: str = "benchmarks/results/eval") -> None:
+    for path in sorted(Path(folder).glob("*.json")):
+        plot_report(EvalReport.load(path), path.with_suffix(".png"))
+    print(table(folder))
 
 
 if __name__ == "__main__":

@@ -199,15 +199,9 @@ def run(args) -> int:
     return 0
 
 
-def write_table() -> None:
-    from fasteer.evaluate.report import EvalReport
-    summary = {"approximator": json.loads((OUT / "approximator.json").read_text()),
-               "concepts": {}}
-    for name in ("sentiment", "ocean", "formality", "french"):
-        path = OUT / f"smollm2_{name}_summary.json"
-        if path.exists():
-            summary["concepts"][name] = json.loads(path.read_text())
-    (OUT / "comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
+def comparison_table(summary: dict) -> str:
+    """The Markdown table of comparison.json: one row per (concept, method), test scores at
+    the best strength."""
     rows = ["| concept | method | best α | concept score | fluency | combined |",
             "|---|---|---:|---|---|---|"]
 
@@ -221,8 +215,21 @@ def write_table() -> None:
             t = m["test"]
             rows.append(f"| {name} | {LABELS[method]} | {m['best_alpha']:g} | {ci(t['concept'])} "
                         f"| {ci(t['fluency'])} | {ci(t['combined'])} |")
-    (OUT / "comparison.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    return "\n".join(rows)
+
+
+def write_table() -> None:
+    from fasteer.evaluate.report import EvalReport
+    summary = {"approximator": json.loads((OUT / "approximator.json").read_text()),
+               "concepts": {}}
+    for name in ("sentiment", "ocean", "formality", "french"):
+        path = OUT / f"smollm2_{name}_summary.json"
+        if path.exists():
+            summary["concepts"][name] = json.loads(path.read_text())
+    (OUT / "comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = comparison_table(summary)
+    (OUT / "comparison.md").write_text(table + "\n")
+    print(table)
     _plot(summary, EvalReport)
 
 
