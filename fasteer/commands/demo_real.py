@@ -47,11 +47,13 @@ def run_real_demo(args, model, tok, layers, alphas, max_new, plot: Path):
     from ..evaluate import evaluate
     from ..evaluate.run import caa_vector
 
-    vec = caa_vector(model, tok, "sentiment", layers, position="mean", progress=True)
+    from . import _common as C
+    progress = C.progress_enabled(args.quiet)
+    vec = caa_vector(model, tok, "sentiment", layers, position="mean", progress=progress)
     norms = ", ".join(f"{float(vec[l].norm()):.1f}" for l in layers)
     report = evaluate(model, tok, "sentiment", layers=layers, alphas=alphas, vector=vec,
                       n_prompts=args.prompts, max_new_tokens=max_new, seed=args.seed,
-                      model_name=args.model, splits=("test",), examples=1, progress=True,
+                      model_name=args.model, splits=("test",), examples=1, progress=progress,
                       description=f"Add(CAA vector, α) — difference of mean activations over "
                                   f"the 48 shipped train pairs, |v| = {norms}")
     print(f"CAA sentiment vector at layer(s) {layers}: {report.intervention}")

@@ -51,7 +51,7 @@ def top_words(model, tok, sae, feature: int, n_texts: int = 200, top: int = 6):
     return [(tok.convert_ids_to_tokens(int(i)), float(mean[i])) for i in best]
 
 
-def steering_groups(model, tok, sae, info):
+def steering_groups(model, tok, sae, info, progress: bool = False):
     """[(label, intervention or None)]: the row groups the demo (and its test) compare."""
     import fasteer as fs
     from ..demo import language
@@ -60,7 +60,7 @@ def steering_groups(model, tok, sae, info):
     pairs = language.contrastive_pairs(FGAA_PAIRS)
     vec = fs.extract.fgaa(model, tok, sae, [p for p, _ in pairs], [n for _, n in pairs],
                           density=torch.tensor(info["density"], dtype=torch.float64),
-                          density_threshold=FGAA_DENSITY_THRESHOLD, progress=False)
+                          density_threshold=FGAA_DENSITY_THRESHOLD, progress=progress)
     return [("no edit", None),
             (f"FeatureEdit set {FEATURE_SET:g}", fs.FeatureEdit(sae, feature=k, op="set",
                                                                 value=FEATURE_SET)),
@@ -69,7 +69,7 @@ def steering_groups(model, tok, sae, info):
             (f"FGAA vector x{FGAA_ALPHA:g}", fs.Add(vec, alpha=FGAA_ALPHA))], vec
 
 
-def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
+def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed, progress=False):
     """One batched generate, group i on rows [i*P, (i+1)*P); returns per-group dicts with
     the continuations, checker scores and the mean activation of ``feature`` over generated
     tokens: ``watched`` the edited latent (what a FeatureEdit set it to), ``encoded`` the
@@ -86,7 +86,8 @@ def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
                      for i, (_, iv) in enumerate(groups) if iv is not None])
         watch = st.watch(sae, features=[feature], max_tokens=max_new, tokens="generated",
                          value="both")
-        texts = C.generate_rows(model, tok, list(prompts) * len(groups), max_new, seed=seed)
+        texts = C.generate_rows(model, tok, list(prompts) * len(groups), max_new, seed=seed,
+                                progress=progress, desc="SAE demo: generate")
         edited, encoded = watch.edited_values()[..., 0], watch.encoded_values()[..., 0]
     finally:
         st.unpatch()
@@ -101,7 +102,7 @@ def run_groups(model, tok, sae, feature, groups, prompts, max_new, seed):
     return out
 
 
-def run_sae_demo(model, tok, prompts, max_new, seed) -> None:
+def run_sae_demo(model, tok, prompts, max_new, seed, progress: bool = False) -> None:
     import time
 
     from ..demo.sae import SAE_DIR, load_demo_sae
@@ -113,11 +114,11 @@ def run_sae_demo(model, tok, prompts, max_new, seed) -> None:
     words = ", ".join(f"{w} {a:.1f}" for w, a in top_words(model, tok, sae, k))
     print(f"sentiment feature {k} (largest positive-minus-negative mean activation on the "
           f"training corpus); top words by mean activation: {words}")
-    groups, vec = steering_groups(model, tok, sae, info)
+    groups, vec = steering_groups(model, tok, sae, info, progress=progress)
     print(f"FGAA vector from {FGAA_PAIRS} contrastive pairs: {len(vec.metadata['features'])} "
           f"features, |v| = {float(vec[sae.layer].norm()):.2f}")
     t0 = time.perf_counter()
-    results = run_groups(model, tok, sae, k, groups, prompts, max_new, seed)
+    results = run_groups(model, tok, sae, k, groups, prompts, max_new, seed, progress=progress)
     print(f"one batched generate: {len(groups)} groups x {len(prompts)} prompts, watching "
           f"feature {k}, {time.perf_counter() - t0:.1f} s\n")
     print(f"{'steering':<22} {'attribute':>9}  {'grammatical':>11}  {'edited':>7}  "

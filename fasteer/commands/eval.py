@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="fasteer-eval",
                         help="folder for <model>_<concept>.json/.md/.png (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    C.add_quiet_argument(parser)
 
 
 def run(args) -> int:
@@ -86,7 +86,7 @@ def run(args) -> int:
         report = evaluate(model, tok, concept, layers=layers, alphas=alphas, vector=vec,
                           n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                           top_p=args.top_p, seed=args.seed, position=args.position,
-                          model_name=args.model, progress=not args.quiet)
+                          model_name=args.model, progress=C.progress_enabled(args.quiet))
         if command:
             report.settings["command"] = command
         paths = report.save(out)
