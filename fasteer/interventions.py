@@ -12,7 +12,9 @@ A vector argument is a tensor ``[D]`` (the same vector at every listed layer), a
 ``{layer: tensor}`` dict) and ``.site`` (`fasteer.SteeringVector`); ``layers=`` defaults
 to the vector's own layers and ``site=`` to the vector's site (else ``"resid_post"``).
 Directions of ``Clamp``/``Ablate`` are normalised here, on the host, so the kernels
-read unit vectors.
+read unit vectors. ``Add(v, alpha, scale="resid")`` is resolved here too: each layer's
+vector becomes ``resid_norm[l] * v / |v|`` (the vector's metadata), so ``alpha`` is a
+fraction of a typical activation whatever extractor made ``v``.
 
 Magnitudes are bounded: an edit that moves the stream by more than ``MAX_MAGNITUDE``
 (1e15) -- ``|alpha| * max|v|`` for ``Add``, ``|value|`` for ``Clamp``, ``|factor|`` for
@@ -324,8 +326,28 @@ def _as_rows_tensor(value, name: str) -> torch.Tensor:
     return t.contiguous()
 
 
+ADD_SCALES = ("raw", "resid")
+
+
 class Add(Intervention):
     """h <- h + alpha * v (CAA, instruction vectors, FGAA).
+
+    ``scale`` says what ``alpha`` measures:
+
+    * ``"raw"`` (default): ``h + alpha * v`` with ``v`` as stored. What one unit is depends
+      on the extractor: a CAA vector is the raw difference of means (``alpha=1`` adds the
+      mean difference, often tens of residual units long), pca / instruction / ablation
+      vectors and FGAA's ``mapping="effect"`` are unit vectors (``alpha=8`` adds a vector
+      of length 8, often invisible next to activations of norm 50-500), FGAA's
+      ``mapping="decoder"`` keeps the decoded contrast's own scale.
+    * ``"resid"``: ``h + alpha * n_l * v_l / |v_l|`` at each layer ``l``, with ``n_l`` the
+      median L2 norm of the residual stream there (the vector's metadata ``resid_norm``,
+      which every `fasteer.extract` method records): ``alpha`` is a fraction of a typical
+      activation (``alpha=0.1`` adds a vector 10% as long), the same meaning for every
+      extractor. Resolved here, when the intervention is built (the kernels see a plain
+      ADD edit). It needs a `fasteer.SteeringVector` with ``resid_norm`` for every steered
+      layer (``vec.with_resid_norm(model, tok, prompts)`` or re-extract with this fasteer),
+      steered at the vector's own site; per-position vectors and zero vectors are refused.
 
     ``vector`` may also hold *per-position* vectors: a [P, D] tensor (or a
     ``{layer: [P, D]}`` mapping) adds row i to the prompt token at index i of its row
@@ -335,10 +357,19 @@ class Add(Intervention):
     """
 
     def __init__(self, vector, alpha=1.0, *, layers=None, site=None, positions="all", when=None,
-                 preserve_norm: bool = False):
+                 preserve_norm: bool = False, scale: str = "raw"):
         self.alpha = _as_number(alpha, "alpha")
+        if not isinstance(scale, str) or scale not in ADD_SCALES:
+            raise ValueError(f"scale: expected one of {ADD_SCALES}, got {scale!r}")
+        self.scale = scale
+        source = vector
         vector, self._per_position = _split_positions(vector, "vector")
+        if scale == "resid" and self._per_position is not None:
+            raise ValueError("scale: 'resid' is not defined for per-position vectors [P, D]; "
+                             "scale them yourself and use scale='raw'")
         vectors = _Vectors(vector, "vector")
+        if scale == "resid":
+            _resid_scaled(vectors, source, layers, site)
         if self._per_position is not None:
             vectors_all = list(self._per_position.values())
             _check_magnitude(abs(self.alpha) * max(float(v.abs().max()) for v in vectors_all),
@@ -368,6 +399,46 @@ class Add(Intervention):
             edits.extend(Edit(kind=L.ADD, u=rows[i], p=(self.alpha,), position=i, **common)
                          for i in range(rows.shape[0]) if bool(rows[i].any()))
         return edits
+
+
+def _resid_scaled(vectors: _Vectors, source, layers, site) -> None:
+    """Replace ``vectors``' per-layer vectors by ``resid_norm[l] * v_l / |v_l|`` (float64
+    arithmetic, float32 result) for ``Add(..., scale="resid")``; raises before anything is
+    built when the norms are missing."""
+    how = ("re-extract the vector with this fasteer (every fs.extract method records "
+           "metadata 'resid_norm'), or attach them: vec = vec.with_resid_norm(model, tokenizer, "
+           "prompts) (fs.extract.resid_norms measures {layer: median norm}) or "
+           "vec.with_resid_norm({layer: norm})")
+    meta = getattr(source, "metadata", None)
+    if vectors.per_layer is None or not isinstance(getattr(source, "directions", None), Mapping) \
+            or not isinstance(meta, Mapping):
+        raise ValueError("scale: 'resid' needs a fasteer.SteeringVector whose metadata holds "
+                         f"resid_norm (a plain tensor or dict has no residual norms); {how}")
+    stored = meta.get("resid_norm")
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"scale: 'resid': the vector's metadata has no resid_norm; {how}")
+    norms = _as_layer_values(stored, "vector.metadata['resid_norm']")
+    steered = _as_layers(layers) or vectors.layers
+    missing = [l for l in steered if l not in norms]
+    if missing:
+        raise ValueError(f"scale: 'resid': the vector's resid_norm has no norm for layers "
+                         f"{missing} (it has layers {sorted(norms)}); {how}")
+    explicit = _as_site(site)
+    if explicit is not None and vectors.site is not None and explicit != vectors.site:
+        raise ValueError(f"site: scale='resid' uses the norms measured at the vector's site "
+                         f"{vectors.site!r}; steering at {explicit!r} would use another point's "
+                         "norm (leave site= out, or use scale='raw')")
+    for l in steered:
+        if l not in vectors.per_layer:
+            continue                 # `_Vectors.at` reports the missing vector when lowering
+        n = norms[l]
+        if not n > 0:
+            raise ValueError(f"vector.metadata['resid_norm'][{l}]: expected a norm > 0, got {n}")
+        v = vectors.per_layer[l].double()
+        length = torch.linalg.vector_norm(v)
+        if not length > 0:
+            raise ValueError(f"vector[{l}]: zero vector; scale='resid' needs a direction")
+        vectors.per_layer[l] = (v * (n / length)).float()
 
 
 def _as_layer_values(value, name: str) -> dict[int, float]:

@@ -47,6 +47,15 @@ check (it is skipped while tracing). Hidden states must be float32, bfloat16 or 
 a model converted to another dtype after patching raises a TypeError at the first
 carrier. ``rows=`` names batch rows 0 .. 2**20 - 1 (`MAX_ROW`).
 
+Rows follow prompts in ``generate``: Hugging Face's ``generate`` repeats each prompt k
+times (``num_return_sequences`` samples, ``num_beams`` beams: k = ``max(num_beams,
+num_return_sequences)``), so while the patched model's ``generate`` runs, explicit
+``rows=`` name prompts and steer all k rows of each (row r -> r*k .. r*k + k-1): the
+wrapper re-writes the routing tables on entering and leaving the call (in place, as
+``set`` does; with ``always_armed=True`` an expanded row beyond the fixed table raises
+before generating). Plain forward calls keep batch-row semantics. Explicit position masks
+``positions=<[batch, prompt_len] tensor>`` are not expanded.
+
 Compiled and captured forwards
 ------------------------------
 Patch first, then compile or capture: the carriers and the metadata hook are traced
@@ -367,6 +376,47 @@ def _flatten(interventions) -> tuple:
     return tuple(out)
 
 
+def generate_expansion(model, args, kwargs) -> int:
+    """How many rows ``model.generate(*args, **kwargs)`` makes of each prompt:
+    ``max(num_beams, num_return_sequences)`` (what Hugging Face's ``generate`` passes to
+    ``_expand_inputs_for_generation``), each read from the keyword arguments, else the
+    ``generation_config`` argument, else ``model.generation_config`` (1 when unset)."""
+    config = kwargs.get("generation_config")
+    if config is None and len(args) > 1:
+        config = args[1]
+
+    def value(name: str):
+        v = kwargs.get(name)
+        for source in (config, getattr(model, "generation_config", None)):
+            if v is None and source is not None:
+                v = getattr(source, name, None)
+        return 1 if v is None else v
+
+    try:
+        return max(int(value("num_beams")), int(value("num_return_sequences")), 1)
+    except (TypeError, ValueError):
+        return 1      # generate itself reports a malformed setting
+
+
+class _ExpandingTracker:
+    """The tracker `fasteer.metadata.wrap_generate` enters for each ``generate`` call: the
+    `GenerationTracker`'s ``generation``, plus the row expansion of the `Steerer`."""
+
+    def __init__(self, steerer: "Steerer"):
+        self._steerer = weakref.ref(steerer)
+        self._tracker = steerer.tracker
+
+    @contextlib.contextmanager
+    def generation(self, args, kwargs):
+        st = self._steerer()
+        with self._tracker.generation(args, kwargs):
+            if st is None or not st._patched:
+                yield
+                return
+            with st._expanding(generate_expansion(st.model, args, kwargs)):
+                yield
+
+
 class Steerer:
     """Steering installed in one model. Made by `fasteer.patch`; see the module docstring."""
 
@@ -423,8 +473,11 @@ class Steerer:
         if always_armed:
             _mark_static(self.tracker.device_prompt_len)
         self._guard = self.metadata.guard
-        self._install_generate, self._remove_generate = wrap_generate(model, self.tracker,
-                                                                      self._guard)
+        # Rows follow prompts: the wrapper's "tracker" also maps explicit rows onto the
+        # batch generate expands (num_return_sequences / num_beams) while it runs.
+        self._row_expand = 1
+        self._install_generate, self._remove_generate = wrap_generate(
+            model, _ExpandingTracker(self), self._guard)
         # install: nothing above touched the model (carriers install when armed)
         for c in self.carriers.values():
             c.set_armed(False, False, always_armed)
@@ -451,6 +504,14 @@ class Steerer:
 
         Each call with explicit rows gets its own slots, so several calls give one batch
         different steering per row. Everything is validated before any table changes.
+
+        ``rows`` index the batch a forward sees -- and, inside the patched model's
+        ``generate``, the *prompts*: generate repeats each prompt k times (k =
+        ``num_return_sequences`` when sampling, ``num_beams`` for beam search; in general
+        ``max(num_beams, num_return_sequences)``, from the keyword arguments, else the
+        ``generation_config`` passed, else ``model.generation_config``), so ``rows=[r]``
+        steers expanded rows r*k .. r*k + k-1, every sequence of prompt r. Direct forward
+        calls (and hand-written decode loops) keep plain batch-row semantics.
         """
         return self.set_many([(interventions, rows)])
 
@@ -636,8 +697,47 @@ class Steerer:
             dispatch.requested_backend(name)         # validates the name
         self.metadata.backend = name
 
+    def _expanded(self, requests: list[Request]) -> list[Request]:
+        """``requests`` with explicit rows mapped onto the expanded batch of a running
+        ``generate``: row r -> r*k .. r*k + k-1 (k = `_row_expand`; 1 outside generate)."""
+        k = self._row_expand
+        if k == 1:
+            return requests
+        return [req if req.rows is None else
+                Request(req.interventions, tuple(r * k + j for r in req.rows for j in range(k)))
+                for req in requests]
+
+    @contextlib.contextmanager
+    def _expanding(self, k: int):
+        """Inside ``generate`` with expansion factor ``k``: explicit rows name prompts."""
+        old = self._row_expand
+        explicit = any(req.rows is not None for req in self._requests)
+        if k == old or not explicit:
+            self._row_expand = k
+            try:
+                yield
+            finally:
+                self._row_expand = old
+                if self._patched and k != old and \
+                        any(req.rows is not None for req in self._requests):
+                    self._commit(self._requests)     # rows were set inside (a streamer)
+            return
+        self._row_expand = k
+        try:
+            self._commit(self._requests)     # may raise (fixed tables): before generate runs
+        except BaseException:
+            self._row_expand = old
+            raise
+        try:
+            yield
+        finally:
+            self._row_expand = old
+            if self._patched:
+                self._commit(self._requests)
+
     def _commit(self, requests: list[Request]) -> None:
-        compiled = compile_plan(requests, self.sites, self._ctx, self._lower) if requests else None
+        planned = self._expanded(requests)
+        compiled = compile_plan(planned, self.sites, self._ctx, self._lower) if planned else None
         if compiled is not None:
             missing = [k for k in (*compiled.points, *compiled.sae_points)
                        if k not in self.carriers]

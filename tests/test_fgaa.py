@@ -260,3 +260,78 @@ def test_fgaa_effect_mapping_errors_before_any_forward(llama):
         assert calls == []
     finally:
         handle.remove()
+
+
+# ------------------------------------------------------------- degenerate results warn
+
+def _direct_retained(sae, v, kept):
+    W = sae.W_dec.double() / sae.input_scale
+    target = torch.zeros_like(v)
+    target[kept] = v[kept]
+    return float((target @ W).norm() / (v.clamp(min=0) @ W).norm())
+
+
+def test_fgaa_warns_when_the_filters_leave_a_degenerate_vector(llama):
+    import warnings
+    from fasteer.extract import FGAADegenerateWarning
+    from fasteer.extract.fgaa import MIN_RETAINED
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=57, layer=1, site="resid_post", gain=0.5)
+    pos, neg = prompts(6, 8), prompts(6, 9)
+    _, _, v = direct_fgaa(model, tok, sae, pos, neg, threshold=1.0, top_k=F, bos_filter=False)
+    positive = torch.nonzero(v > 0).flatten()
+    ranked = positive[torch.argsort(v[positive])]            # smallest contrast first
+    assert len(ranked) >= 6
+    common = dict(density_threshold=0.01, bos_feature_filter=False, top_k=F, progress=False)
+    seen = set()
+    # keep the n smallest-contrast features (the rest marked dense): small n degenerate
+    for n in (1, 2, len(ranked) // 2, len(ranked) - 1, len(ranked)):
+        kept = ranked[:n]
+        density = torch.full((F,), 0.5, dtype=torch.float64)
+        density[kept] = 0.0
+        want = _direct_retained(sae, v, kept)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vec = fgaa(model, tok, sae, pos, neg, density=density, **common)
+        ours = [w for w in caught if issubclass(w.category, FGAADegenerateWarning)]
+        assert vec.metadata["retained_fraction"] == pytest.approx(want, rel=1e-4, abs=1e-9)
+        assert sorted(vec.metadata["features"]) == sorted(kept.tolist())
+        assert len(ours) == (1 if want < MIN_RETAINED else 0), (n, want)
+        seen.add(want < MIN_RETAINED)
+        if ours:
+            msg = str(ours[0].message)
+            dropped = len(ranked) - n
+            assert issubclass(ours[0].category, UserWarning)
+            assert f"{dropped} feature(s) with a positive difference were dropped as denser " \
+                   f"than 0.01" in msg
+            assert "density=" in msg and "density_threshold" in msg
+            assert ours[0].filename == __file__            # points at the caller
+    assert seen == {True, False}                           # both sides of the criterion ran
+    # the density measured on the prompts themselves (the everyday case): the warning
+    # names that source, and fires exactly when the direct ratio is under the bound
+    measured = _latents(model, tok, sae, pos + neg, 1)
+    rate = (torch.cat([z for z, _ in measured]) > 0).double().mean(0)
+    for threshold in sorted(set(rate[v > 0].tolist()))[:3]:
+        survivors = torch.nonzero((rate <= threshold) & (v > 0)).flatten()
+        expect = _direct_retained(sae, v, survivors)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fgaa(model, tok, sae, pos, neg, density_threshold=threshold,
+                 bos_feature_filter=False, top_k=F, progress=False)
+        ours = [w for w in caught if issubclass(w.category, FGAADegenerateWarning)]
+        assert len(ours) == (1 if expect < MIN_RETAINED else 0), (threshold, expect)
+        if ours:
+            assert "measured on the positive and negative prompts" in str(ours[0].message)
+
+
+def test_fgaa_normal_case_does_not_warn(llama):
+    import warnings
+    from fasteer.extract import FGAADegenerateWarning
+    model, tok = llama
+    sae = random_sae(D, F, "relu", seed=58, layer=1, site="resid_post", gain=0.5)
+    pos, neg = prompts(6, 10), prompts(6, 11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FGAADegenerateWarning)
+        vec = fgaa(model, tok, sae, pos, neg, density_threshold=None, top_k=F, progress=False,
+                   bos_feature_filter=False)
+    assert vec.metadata["retained_fraction"] == pytest.approx(1.0, rel=1e-9)

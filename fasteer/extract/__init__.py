@@ -5,10 +5,10 @@ All methods read the residual stream in one batched forward per batch for every 
 layer (see `fasteer.extract.activations`) and return a `fasteer.SteeringVector`.
 """
 from .ablation import ablation_direction
-from .activations import collect_activations
+from .activations import collect_activations, resid_norms
 from .caa import caa
 from .effects import EffectApproximator, fit_effect_approximator, targeted_vector
-from .fgaa import feature_density, fgaa
+from .fgaa import FGAADegenerateWarning, feature_density, fgaa
 from .files import extract_from_files
 from .instruction import InstructionSteering, instruction
 from .instruction_layers import LayerChoice, compose, search_layer
@@ -25,12 +25,14 @@ __all__ = [
     "EffectApproximator",
     "extract_from_files",
     "feature_density",
+    "FGAADegenerateWarning",
     "fit_effect_approximator",
     "fgaa",
     "instruction",
     "InstructionSteering",
     "LayerChoice",
     "pca",
+    "resid_norms",
     "search_layer",
     "targeted_vector",
 ]

@@ -31,6 +31,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -189,6 +190,26 @@ def _reduce(h: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, position: s
     return torch.where(m > 0, h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(1) / m.sum(1)
 
 
+def _used_norms(h: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, position: str) -> torch.Tensor:
+    """float64 L2 norms (CPU, 1-D) of ``h [B, T, D]`` at the positions `_reduce` reads."""
+    if position == "last":
+        rows = h[torch.arange(h.shape[0], device=h.device), last]
+        return torch.linalg.vector_norm(rows.double(), dim=-1).cpu()
+    return torch.linalg.vector_norm(h[mask.to(h.device) > 0].double(), dim=-1).cpu()
+
+
+def median_norms(norms: dict[int, list[torch.Tensor]]) -> dict[int, float]:
+    """``{layer: median}`` of the norms `collect_encoded` recorded (``norms=``); the median
+    of an even count is the mean of the two middle values (``numpy.median``)."""
+    return {layer: float(np.median(torch.cat(chunks).numpy()))
+            for layer, chunks in sorted(norms.items())}
+
+
+def resid_norm_metadata(norms: dict[int, float]) -> dict[str, float]:
+    """``{layer: norm}`` as stored in a vector's metadata ``resid_norm`` (string keys: JSON)."""
+    return {str(int(layer)): float(n) for layer, n in norms.items()}
+
+
 # ------------------------------------------------------------------ collection
 def collect_activations(
     model: nn.Module,
@@ -233,8 +254,13 @@ def collect_encoded(
     padding_side: str | None,
     progress: bool,
     desc: str,
+    norms: dict[int, list[torch.Tensor]] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """`collect_activations` on already validated token ids and layer indices."""
+    """`collect_activations` on already validated token ids and layer indices.
+
+    ``norms`` (a dict, filled in place): ``{layer: [float64 tensors]}``, the L2 norms of
+    the residual stream at the token positions the reduction used (the last real token for
+    ``position="last"``, every real token for ``"mean"``), for `median_norms`."""
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     if side not in ("left", "right"):
         raise ValueError(f"tokenizer.padding_side: expected 'left' or 'right', got {side!r}")
@@ -253,6 +279,8 @@ def collect_encoded(
         if not isinstance(h, torch.Tensor):
             raise RuntimeError(f"decoder layer {layer} produced {type(h).__name__}, expected a tensor")
         captured[layer].append(_reduce(h, batch["mask"], batch["last"], position).cpu())
+        if norms is not None:
+            norms.setdefault(layer, []).append(_used_norms(h, batch["mask"], batch["last"], position))
         seen.add(layer)
         if len(seen) == len(layer_ids):
             raise _StopForward
@@ -303,6 +331,43 @@ def collect_encoded(
     return {layer: torch.cat(chunks) for layer, chunks in captured.items()}
 
 
+def resid_norms(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layers: Any = None,
+    *,
+    site: str = "resid_post",
+    position: str = "all",
+    batch_size: int = 8,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+    padding_side: str | None = None,
+    progress: bool = True,
+) -> dict[int, float]:
+    """``{layer: median L2 norm of the residual stream}`` at ``site`` over ``prompts``.
+
+    The reference length of ``fs.Add(v, alpha, scale="resid")``: extractors record it
+    themselves (metadata ``resid_norm``); this measures it for a vector that lacks it
+    (``vec.with_resid_norm(model, tok, prompts)``). ``position``: ``"all"`` (every real
+    token, BOS and template tokens included; the median is robust to a BOS outlier) or
+    ``"last"`` (each prompt's last real token). ``site``: ``"resid_post"`` or
+    ``"resid_pre"``. Other arguments as in `collect_activations`."""
+    if position not in ("all", "last"):
+        raise ValueError(f"position: expected 'all' or 'last', got {position!r}")
+    prompts = check_prompts(prompts, "prompts")
+    layer_ids = resolve_layers(model, layers)
+    reduce = "mean" if position == "all" else "last"
+    _check_options(reduce, site, batch_size, padding_side)
+    encoded = encode_prompts(tokenizer, prompts, chat_template=chat_template,
+                             system_prompt=system_prompt, name="prompts")
+    norms: dict[int, list[torch.Tensor]] = {}
+    collect_encoded(model, tokenizer, encoded, layer_ids, site=site, position=reduce,
+                    batch_size=batch_size, padding_side=padding_side, progress=progress,
+                    desc="residual norms", norms=norms)
+    return median_norms(norms)
+
+
 def model_metadata(model: nn.Module, method: str, **extras: Any) -> dict[str, Any]:
     """The metadata every extraction method stores with its vector."""
     config = getattr(model, "config", None)
@@ -332,11 +397,14 @@ def collect_contrast(
     padding_side: str | None = None,
     progress: bool = True,
     desc: str = "collecting activations",
+    resid_norm: dict[int, float] | None = None,
 ) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Activations of two prompt sets in one pass: ``(layers, {l: [P, D]}, {l: [N, D]})``.
 
     Both sets are validated (and, if ``paired``, required to have equal length) before any
-    forward; they share batches and one progress bar."""
+    forward; they share batches and one progress bar. ``resid_norm`` (a dict, filled in
+    place): ``{layer: median L2 norm}`` of the stream over the positions read, both sets
+    pooled (what extractors store as metadata ``resid_norm``)."""
     if paired:
         pos, neg = check_pairs(positive, negative, names)
     else:
@@ -345,9 +413,12 @@ def collect_contrast(
     _check_options(position, site, batch_size, padding_side)
     enc = dict(chat_template=chat_template, system_prompt=system_prompt)
     encoded = encode_prompts(tokenizer, pos, name=names[0], **enc) + encode_prompts(tokenizer, neg, name=names[1], **enc)
+    norms: dict[int, list[torch.Tensor]] | None = {} if resid_norm is not None else None
     acts = collect_encoded(
         model, tokenizer, encoded, layer_ids, site=site, position=position, batch_size=batch_size,
-        padding_side=padding_side, progress=progress, desc=desc,
+        padding_side=padding_side, progress=progress, desc=desc, norms=norms,
     )
+    if resid_norm is not None:
+        resid_norm.update(median_norms(norms))
     n = len(pos)
     return layer_ids, {l: a[:n] for l, a in acts.items()}, {l: a[n:] for l, a in acts.items()}

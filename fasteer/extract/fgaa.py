@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -33,6 +34,15 @@ from .activations import (_model_device, _pad_id, check_prompts, encode_prompts,
                           pad_batch)
 
 
+# `fgaa` warns (`FGAADegenerateWarning`) when the kept features carry less than this
+# fraction of the contrast, both decoded to the residual stream (see `fgaa`).
+MIN_RETAINED = 0.05
+
+
+class FGAADegenerateWarning(UserWarning):
+    """`fgaa` kept almost none of the contrast (the filters dropped what carried it)."""
+
+
 class _SiteRead(Exception):
     """Raised from the reader once the site has been read (skips the layers above)."""
 
@@ -45,6 +55,20 @@ class LatentStats:
     n_tokens: int
     bos_active: torch.Tensor     # bool [F]: fired on a BOS token of some prompt
     n_bos: int                   # prompts that start with the tokenizer's BOS token
+    token_norms: torch.Tensor | None = None   # float64 [n_tokens]: |h| of every real token
+
+
+def _retained(sae: SAE, v_diff: torch.Tensor, features: torch.Tensor, weights: torch.Tensor):
+    """(fraction, norms): ``D(v_target) / D(max(v_diff, 0))`` with ``D(t) = |t W_dec / s|``
+    in float64, and the decoded norms (kept, positive, mean_difference)."""
+    W = sae.W_dec.detach()
+    def decoded(t: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm((t.to(W.device) @ W.double()) / sae.input_scale))
+    target = torch.zeros_like(v_diff)
+    target[features] = weights
+    kept, positive = decoded(target), decoded(v_diff.clamp(min=0))
+    fraction = kept / positive if positive > 0 else 0.0
+    return fraction, dict(kept=kept, positive=positive, mean_difference=decoded(v_diff))
 
 
 def _check_sae(sae) -> SAE:
@@ -67,7 +91,7 @@ def latent_stats(model: nn.Module, tokenizer: Any, sae: SAE, encoded: list[list[
     bos_id = getattr(tokenizer, "bos_token_id", None)
     accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
     F = sae.d_sae
-    means, active = [], torch.zeros(F, dtype=torch.int64)
+    means, active, norms = [], torch.zeros(F, dtype=torch.int64), []
     bos_active = torch.zeros(F, dtype=torch.bool)
     n_tokens = n_bos = 0
     seen: dict[str, torch.Tensor] = {}
@@ -99,6 +123,7 @@ def latent_stats(model: nn.Module, tokenizer: Any, sae: SAE, encoded: list[list[
                     raise RuntimeError(f"the forward pass never reached {site}[{layer}]")
                 z = sae_here.encode(seen["h"]).double()            # [B, T, F]
                 real = mask.bool()
+                norms.append(torch.linalg.vector_norm(seen["h"][real].double(), dim=-1).cpu())
                 # padded positions may hold anything (even NaN): select, never multiply
                 z = torch.where(real.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype,
                                                                    device=z.device))
@@ -116,7 +141,7 @@ def latent_stats(model: nn.Module, tokenizer: Any, sae: SAE, encoded: list[list[
     finally:
         reader.remove()
         model.train(was_training)
-    return LatentStats(torch.cat(means), active, n_tokens, bos_active, n_bos)
+    return LatentStats(torch.cat(means), active, n_tokens, bos_active, n_bos, torch.cat(norms))
 
 
 def _prepare(model, tokenizer, sae, layer, site, batch_size, padding_side):
@@ -212,6 +237,21 @@ def fgaa(
     training run of many steered generations per model and SAE; fit it once, save it);
     ``mapping="decoder"`` is fasteer's cheaper stand-in.
 
+    Scale: ``mapping="decoder"`` keeps the natural scale (``fs.Add(v, 1.0)`` adds the
+    kept features' contrast, decoded); ``mapping="effect"`` gives a unit vector (``alpha``
+    residual units). Either way the metadata holds ``resid_norm`` ({layer: median L2
+    norm of the stream over every real token read}), so ``fs.Add(v, alpha,
+    scale="resid")`` reads ``alpha`` as a fraction of a typical activation.
+
+    Degenerate results warn (`FGAADegenerateWarning`): with ``D(t) = |sum_k t_k W_dec[k]
+    / s|`` (a target decoded to the residual stream), when ``D(v_target) <
+    MIN_RETAINED * D(max(v_diff, 0))`` -- the kept features carry under 5% of what the
+    positive contrast decodes to, typically because the density filter, measured on the
+    prompts themselves, dropped the features that separate them. The message gives the
+    counts each filter dropped, both norms and the SAE reconstruction of the plain mean
+    difference (about CAA's norm), and the fix (``density=`` from a corpus, or a higher
+    ``density_threshold``). The metadata records ``retained_fraction``.
+
     Raises ValueError before any forward for a non-SAE, an SAE whose d_in differs from the
     model's hidden size, a layer out of range, bad thresholds, an unknown ``mapping``,
     ``mapping="effect"`` without an approximator, an approximator fitted for another SAE
@@ -276,6 +316,23 @@ def fgaa(
     candidates = torch.where(keep, v_diff, torch.full_like(v_diff, -torch.inf))
     k = min(top_k, int(keep.sum()))
     weights, features = torch.topk(candidates, k)
+    retained, report = _retained(sae, v_diff, features, weights)
+    if retained < MIN_RETAINED:
+        import warnings
+        source = ("given (density=)" if density is not None else
+                  "measured on the positive and negative prompts themselves, where features "
+                  "that fire on most of their tokens count as dense")
+        warnings.warn(
+            f"fgaa: degenerate steering vector: the {k} kept feature(s) carry "
+            f"{100 * retained:.2g}% of the contrast (decoded norm {report['kept']:.3g}, vs "
+            f"{report['positive']:.3g} for every feature with a positive difference and "
+            f"{report['mean_difference']:.3g} for the SAE reconstruction of the plain mean "
+            f"difference, about CAA's norm). {int((dense & (v_diff > 0)).sum())} feature(s) "
+            f"with a positive difference were dropped as denser than {density_threshold} "
+            f"(density {source}) and {int((bos & (v_diff > 0)).sum())} as BOS features. Pass "
+            "density= (fs.extract.feature_density on a generic corpus) or raise "
+            "density_threshold (None disables the filter).",
+            FGAADegenerateWarning, stacklevel=2)
     extra: dict[str, Any] = {}
     if mapping == "effect":
         target = torch.zeros(sae.d_sae, dtype=torch.float64)
@@ -298,6 +355,8 @@ def fgaa(
         dropped_bos=int((bos & (v_diff > 0)).sum()), bos_prompts=stats.n_bos,
         n_positive=n, n_negative=len(neg), n_tokens=stats.n_tokens,
         chat_template=bool(chat_template), system_prompt=system_prompt, mapping=mapping,
+        retained_fraction=float(retained),
+        resid_norm={str(layer): float(np.median(stats.token_norms.numpy()))},
         **extra,
     )
     return SteeringVector({layer: vector}, site=site, metadata=meta)

@@ -15,6 +15,10 @@ c_l, the value a prompt that *does* carry the instruction has on average:
 which is exactly fasteer's ``Clamp(u, value=c)``.  So `instruction` returns both: the unit
 vectors (a `SteeringVector`) and the per-layer targets.  The targets are also stored in the
 vector's metadata (``clamp_targets``), so they survive ``save``/``load``.
+
+Scale: the directions are unit vectors (``fs.Add(u, alpha)`` adds ``alpha`` absolute residual
+units); metadata ``resid_norm`` (median stream norm per layer) lets
+``fs.Add(u, alpha, scale="resid")`` read ``alpha`` as a fraction of a typical activation.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn as nn
 
 from fasteer.vectors import SteeringVector
 
-from .activations import collect_contrast, model_metadata
+from .activations import collect_contrast, model_metadata, resid_norm_metadata
 
 
 class InstructionSteering(NamedTuple):
@@ -57,11 +61,12 @@ def instruction(
     ``with_instruction[i]`` and ``without_instruction[i]`` are the same input with and without
     the instruction.  Other arguments as in `fasteer.extract.caa` (Stolfo et al. use the last
     token: ``position="last"``)."""
+    norms: dict[int, float] = {}
     layer_ids, with_acts, without_acts = collect_contrast(
         model, tokenizer, with_instruction, without_instruction, layers, paired=True,
         names=("with_instruction", "without_instruction"), site=site, position=position,
         batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt,
-        padding_side=padding_side, progress=progress, desc="instruction",
+        padding_side=padding_side, progress=progress, desc="instruction", resid_norm=norms,
     )
     directions, targets = {}, {}
     for l in layer_ids:
@@ -83,6 +88,7 @@ def instruction(
             model, "instruction", position=position, n_pairs=len(with_acts[layer_ids[0]]),
             chat_template=bool(chat_template), system_prompt=system_prompt, unit_norm=True,
             clamp_targets={str(l): c for l, c in targets.items()},
+            resid_norm=resid_norm_metadata(norms),
         ),
     )
     return InstructionSteering(vector, targets)

@@ -15,8 +15,11 @@ Same math as repeng's ``read_representations`` (``repeng/extract.py``), without 
   negative"; on a tie (repeng keeps sklearn's arbitrary sign) the mean projection gap decides,
   so the positive side projects higher.
 
-Computed in float64 with ``torch.linalg.svd``.  The vectors are unit-norm, as repeng's are, so
-``alpha`` is in units of activation norm.
+Computed in float64 with ``torch.linalg.svd``.  Scale: the vectors are unit-norm, as repeng's
+are, so ``fs.Add(v, alpha)`` adds ``alpha`` in absolute residual units (a length-``alpha``
+vector; residual norms are often tens to hundreds, so small alphas do nothing visible).
+``fs.Add(v, alpha, scale="resid")`` reads ``alpha`` as a fraction of the median stream norm
+recorded in the metadata (``resid_norm``), the same meaning as for CAA vectors.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch.nn as nn
 
 from fasteer.vectors import SteeringVector
 
-from .activations import check_pairs, collect_contrast, model_metadata
+from .activations import check_pairs, collect_contrast, model_metadata, resid_norm_metadata
 
 PCA_METHODS = ("pca_diff", "pca_center")
 
@@ -79,16 +82,18 @@ def pca(
     """repeng-style control vector: first principal component per layer (see module docstring).
 
     ``method``: ``"pca_diff"`` (repeng's default) or ``"pca_center"``.  Other arguments as in
-    `fasteer.extract.caa`.  Returns unit-norm directions."""
+    `fasteer.extract.caa`.  Returns unit-norm directions (``Add(v, alpha)`` adds ``alpha``
+    residual units; ``scale="resid"`` uses metadata ``resid_norm``)."""
     if method not in PCA_METHODS:
         raise ValueError(f"method: expected one of {', '.join(PCA_METHODS)}, got {method!r}")
     pos_prompts, neg_prompts = check_pairs(positive, negative)
     if method == "pca_diff" and len(pos_prompts) < 2:
         raise ValueError("positive/negative: pca_diff needs at least 2 pairs (one difference has no variance); use caa or pca_center")
+    norms: dict[int, float] = {}
     layer_ids, pos, neg = collect_contrast(
         model, tokenizer, pos_prompts, neg_prompts, layers, paired=True, site=site, position=position,
         batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt,
-        padding_side=padding_side, progress=progress, desc=method,
+        padding_side=padding_side, progress=progress, desc=method, resid_norm=norms,
     )
     directions = {l: principal_direction(pos[l], neg[l], method, l).float() for l in layer_ids}
     return SteeringVector(
@@ -97,5 +102,6 @@ def pca(
         metadata=model_metadata(
             model, method, position=position, n_pairs=len(pos_prompts),
             chat_template=bool(chat_template), system_prompt=system_prompt, unit_norm=True,
+            resid_norm=resid_norm_metadata(norms),
         ),
     )

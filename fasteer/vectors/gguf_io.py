@@ -116,7 +116,7 @@ def _gguf_layers(vector: SteeringVector, allow_layer_zero: bool) -> dict[int, to
 
 
 # Metadata fields keyed by layer number ({"<layer>": value}): renumbered with the directions.
-_LAYER_KEYED_METADATA = ("clamp_targets",)
+_LAYER_KEYED_METADATA = ("clamp_targets", "resid_norm")
 
 
 def _metadata_at_gguf_layers(meta: dict[str, Any], site: str) -> dict[str, Any]:

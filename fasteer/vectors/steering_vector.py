@@ -245,6 +245,56 @@ class SteeringVector:
         """L2 norm of each layer's direction."""
         return {layer: float(t.double().norm()) for layer, t in self._directions.items()}
 
+    @property
+    def resid_norm(self) -> dict[int, float] | None:
+        """``{layer: median L2 norm of the residual stream at this site}`` from the metadata
+        (``resid_norm``, recorded by every `fasteer.extract` method or attached with
+        `with_resid_norm`), or None. ``fs.Add(v, alpha, scale="resid")`` reads it."""
+        stored = self._metadata.get("resid_norm")
+        if not isinstance(stored, Mapping):
+            return None
+        return {int(k): float(v) for k, v in stored.items()}
+
+    def with_resid_norm(self, model_or_norms: Any, tokenizer: Any = None,
+                        prompts: Any = None, **options: Any) -> "SteeringVector":
+        """A copy whose metadata holds ``resid_norm`` for ``fs.Add(..., scale="resid")``.
+
+        ``vec.with_resid_norm({layer: norm})`` attaches given norms (every layer of the
+        vector, positive finite numbers); ``vec.with_resid_norm(model, tokenizer, prompts)``
+        measures them with `fasteer.extract.resid_norms` at the vector's layers and site
+        (``options`` are passed on: ``position="all"|"last"``, ``batch_size``, ...)."""
+        if isinstance(model_or_norms, Mapping):
+            if tokenizer is not None or prompts is not None or options:
+                raise TypeError("with_resid_norm({layer: norm}) takes no other arguments")
+            norms = {}
+            for key, value in model_or_norms.items():
+                layer = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() \
+                    else _check_layer_key(key)
+                norms[layer] = _check_scalar(value, "with_resid_norm")
+                if not norms[layer] > 0:
+                    raise ValueError(f"with_resid_norm: the norm of layer {layer} must be > 0, "
+                                     f"got {norms[layer]}")
+            missing = [l for l in self.layers if l not in norms]
+            if missing:
+                raise ValueError(f"with_resid_norm: no norm for layers {missing} of this vector")
+        else:
+            if tokenizer is None or prompts is None:
+                raise TypeError("with_resid_norm: pass {layer: norm}, or (model, tokenizer, "
+                                "prompts) to measure them")
+            if self._site == "resid_mid":
+                raise ValueError("with_resid_norm: measuring norms at resid_mid is not supported; "
+                                 "pass {layer: norm}")
+            from fasteer.extract.activations import resid_norms
+
+            options.setdefault("site", self._site)
+            if options["site"] != self._site:
+                raise ValueError(f"site: the vector lives at {self._site!r}; its norms must be "
+                                 f"measured there, got {options['site']!r}")
+            norms = resid_norms(model_or_norms, tokenizer, prompts, self.layers, **options)
+        stored = dict(self._metadata.get("resid_norm") or {})
+        stored.update({str(l): float(n) for l, n in norms.items()})
+        return self._derive(self._directions, resid_norm=stored)
+
     def __repr__(self) -> str:
         method = self._metadata.get("method")
         model = self._metadata.get("model_name")
@@ -344,7 +394,13 @@ class SteeringVector:
                 out[layer] = a.clone()
             else:
                 out[layer] = a + sign * b
-        return self._derive(out, method=f"({self._metadata.get('method')}){op}({other._metadata.get('method')})")
+        extra = {}
+        mine_norm, their_norm = self._metadata.get("resid_norm"), other._metadata.get("resid_norm")
+        if isinstance(mine_norm, Mapping) or isinstance(their_norm, Mapping):
+            # the stream's norms, not the vector's: same site, so either side's value holds
+            extra["resid_norm"] = {**(their_norm or {}), **(mine_norm or {})}
+        return self._derive(out, method=f"({self._metadata.get('method')}){op}({other._metadata.get('method')})",
+                            **extra)
 
     def __add__(self, other: Any) -> "SteeringVector":
         return self._combine(other, 1.0, "+")
