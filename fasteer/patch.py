@@ -293,13 +293,24 @@ class _HookCarrier(_Carrier):
     def _post(self, module, args, output):
         if not self.armed[self.state.phase]:
             return None
-        h = output[0] if isinstance(output, (tuple, list)) else output
+        # a layer returns a tensor (BERT in transformers 5), a tuple (hidden, extras...) or
+        # a ModelOutput; the stream is its first tensor
+        h = _first_tensor(output)
         if not isinstance(h, torch.Tensor):
             raise RuntimeError(f"fasteer: cannot find the hidden state leaving "
                                f"{type(module).__name__} at {self.point.key}")
         self.sae_(h)
         self.edit_(h)
         return None
+
+
+def _first_tensor(output):
+    if isinstance(output, dict):
+        h = output.get("last_hidden_state")
+        output = h if isinstance(h, torch.Tensor) else tuple(output.values())
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output
 
 
 # --------------------------------------------------------------------------- Steerer
@@ -422,7 +433,8 @@ class Steerer:
 
     def __init__(self, model: nn.Module, *, slots: int | None = None, sites=None,
                  always_armed: bool = False, edits: int | None = None,
-                 vectors: int | None = None, backend: str | None = None):
+                 vectors: int | None = None, backend: str | None = None,
+                 layers_path: str | None = None, _sites: ModelSites | None = None):
         for name, value in (("slots", slots), ("edits", edits), ("vectors", vectors)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -432,7 +444,8 @@ class Steerer:
             dispatch.requested_backend(backend)      # validates the name
         if not isinstance(always_armed, bool):
             raise TypeError(f"always_armed: expected a bool, got {type(always_armed).__name__}")
-        self.sites = model_sites(model)
+        # _sites: carriers resolved by the caller (`fasteer.carrier_probe` tries a shape)
+        self.sites = _sites if _sites is not None else model_sites(model, layers_path)
         if self.sites.layers in _PATCHED:
             raise ValueError("model: already patched by fasteer; use the Steerer that patched it "
                              "(st.set / st.clear) or call st.unpatch() first")
@@ -770,7 +783,7 @@ class Steerer:
 
 def patch(model: nn.Module, slots: int | None = None, sites=None, *,
           always_armed: bool = False, edits: int | None = None, vectors: int | None = None,
-          backend: str | None = None) -> Steerer:
+          backend: str | None = None, layers_path: str | None = None) -> Steerer:
     """Install fasteer's carriers into ``model`` and return its `Steerer`.
 
     ``slots``: initial slot capacity of the tables (they grow when a plan needs more).
@@ -786,6 +799,10 @@ def patch(model: nn.Module, slots: int | None = None, sites=None, *,
     does not fit raises instead (see "Compiled and captured forwards" above).
     ``backend``: op backend for the carriers ("reference", "cpu", "triton", "cuda";
     default: ``FASTEER_BACKEND`` or automatic); also settable as ``st.backend``.
+    ``layers_path``: the attribute path of the layer list to steer (``"encoder.layer"``,
+    ``"decoder.block"``); by default fasteer finds it (`fasteer.layer_discovery`), and asks
+    for it where a model has several stacks (encoder-decoder models). ``st.sites.verdict``
+    says which carriers the model got and why (`fasteer.sites.model_sites`).
 
     One thread at a time: while a forward, ``generate`` call or ``st.decoding`` loop of the
     patched model runs, a forward, ``generate``, ``set``, ``clear`` or ``unpatch`` from
@@ -795,16 +812,16 @@ def patch(model: nn.Module, slots: int | None = None, sites=None, *,
     ``model.to(torch.float64)`` raises a TypeError naming the dtype).
     """
     return Steerer(model, slots=slots, sites=sites, always_armed=always_armed, edits=edits,
-                   vectors=vectors, backend=backend)
+                   vectors=vectors, backend=backend, layers_path=layers_path)
 
 
-def steer(model: nn.Module, *interventions, rows=None) -> Steerer:
+def steer(model: nn.Module, *interventions, rows=None, layers_path: str | None = None) -> Steerer:
     """Patch ``model`` and set ``interventions``; use as ``with fs.steer(model, ...):``.
 
     Leaving the ``with`` block unpatches. Errors in the interventions are raised before
-    the model is left modified.
+    the model is left modified. ``layers_path``: as in `patch`.
     """
-    st = Steerer(model)
+    st = Steerer(model, layers_path=layers_path)
     try:
         st.set(*interventions, rows=rows)
     except BaseException:

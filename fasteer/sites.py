@@ -41,9 +41,23 @@ every intervention is valid there (activation scaling, Stoehr et al. 2024, scale
 vectors). For parallel blocks (GPT-NeoX, Falcon) both exist although ``resid_mid`` does
 not.
 
-Unknown model types fall back to ``input``/``output`` hooks on the decoder layers, with
-one warning; ``resid_mid`` and the component outputs are then unavailable (they lie
-inside the layer).
+Layer stacks: the layer list is found at one of the known paths (``_LAYER_PATHS``) or by
+a scan of the module tree for an ``nn.ModuleList`` of repeated blocks (vision towers set
+aside, encoder-decoder models asked to choose), or named by the user with
+``layers_path=`` (`fasteer.layer_discovery` states the rule). Encoders such as BERT work.
+
+Unknown model types (not in `ARCHITECTURES`) are probed (`fasteer.carrier_probe`): each
+distinct carrier shape of the table that resolves on the model is tried in a tiny forward,
+steered at every stream point through its carriers and through plain hooks on the layers;
+the first whose output matches (tolerance per dtype) gives fused carriers for
+``resid_pre``/``resid_post`` -- ``resid_mid`` and the component outputs stay unavailable,
+nothing outside the layer defines a reference for them. If none matches (or the model's
+type is in the table but its modules do not match the entry), steering falls back to
+``input``/``output`` hooks on the layers (a pre-hook on each layer, a hook on the last
+layer's output, which may be a tensor or a tuple), where ``resid_mid`` and the component
+outputs are unavailable (they lie inside the layer). One warning per model type says which
+carriers were chosen and why; so does ``model_sites(model).verdict`` (and ``.source``:
+"table", "probe" or "hooks"); ``fasteer info --model NAME`` prints both per site.
 """
 from __future__ import annotations
 
@@ -53,6 +67,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .layer_discovery import KNOWN_PATHS, find_layers, get_attr_path, stream_owner
 from .ops import layout as L
 
 STREAM_SITES = ("resid_pre", "resid_mid", "resid_post")
@@ -62,42 +77,23 @@ SITES = STREAM_SITES + COMPONENT_SITES
 _COMPONENT_KEYS = {"attn_out": "attn", "mlp_out": "mlp"}
 
 # Attribute paths (from the top-level CausalLM module) of the decoder-layer list,
-# tried in order. Covers the HF families fasteer knows.
-_LAYER_PATHS = (
-    "model.layers",          # Llama, Mistral, Mixtral, Qwen2/3(-MoE), Gemma 1/2/3, Phi-3, OLMo-2
-    "model.language_model.layers",  # Gemma-3 multimodal wrappers
-    "transformer.h",         # GPT-2, Falcon
-    "gpt_neox.layers",       # GPT-NeoX / Pythia
-    "model.decoder.layers",  # OPT-style
-    "layers",                # a bare decoder stack
-    "h",                     # a bare GPT-2 / Falcon base model
-)
+# tried in order; other models' layer stacks are found by a scan of the module tree
+# (`fasteer.layer_discovery`, which documents the rule).
+_LAYER_PATHS = KNOWN_PATHS
 
 
 def _get_attr_path(obj, path: str):
-    for name in path.split("."):
-        if not name:
-            continue
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
+    return get_attr_path(obj, path)
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for path in _LAYER_PATHS:
-        layers = _get_attr_path(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return path, layers
-    raise ValueError(
-        f"model: cannot find the decoder layers of {type(model).__name__}; "
-        f"looked for {', '.join(_LAYER_PATHS)}"
-    )
+def _find_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    return find_layers(model, layers_path)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """Return the list of decoder layers of a HF causal LM (or its base model)."""
-    return _find_layers(model)[1]
+def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """Return the layer list of a HF model (or its base model), found as
+    `fasteer.layer_discovery.find_layers` says; ``layers_path`` names it explicitly."""
+    return _find_layers(model, layers_path)[1]
 
 
 # --------------------------------------------------------------------------- the table
@@ -264,12 +260,23 @@ class StreamPoint:
 
 
 class ModelSites:
-    """An architecture spec resolved against one live model."""
+    """An architecture spec resolved against one live model.
+
+    ``source`` says where the carriers came from -- ``"table"`` (an entry of
+    `ARCHITECTURES`), ``"probe"`` (a table shape a probe forward checked against layer
+    hooks on this model, `fasteer.carrier_probe`) or ``"hooks"`` (the fallback) -- and
+    ``verdict`` why, in one line. ``base`` is the module whose forward takes the tokens
+    (fasteer's per-forward metadata hook sits there), ``owner`` the module holding the
+    layer list (the final norm is looked up there); they differ only for models whose
+    layer stack lives in a submodule that does not take ``input_ids`` (BERT's encoder)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, layers_path: str, layers: nn.ModuleList,
-                 base: nn.Module, hidden: int, model_type: str):
+                 base: nn.Module, hidden: int, model_type: str, *, owner: nn.Module | None = None,
+                 source: str = "table", verdict: str = ""):
         self.model, self.spec, self.layers, self.base = model, spec, layers, base
+        self.owner = base if owner is None else owner
         self.layers_path, self.hidden, self.model_type = layers_path, hidden, model_type
+        self.source, self.verdict = source, verdict
         self.n_layers = len(layers)
         self.points: dict[tuple[str, int], StreamPoint] = {}
         for l, layer in enumerate(layers):
@@ -282,13 +289,17 @@ class ModelSites:
                     self.points[(key, l)] = _resolve(layer, carrier, (key, l))
         last = ("pre", self.n_layers)
         if spec.final is not None:
-            self.points[last] = _resolve(base, spec.final, last)
+            self.points[last] = _resolve(self.owner, spec.final, last)
         else:
             self.points[last] = StreamPoint(last, "output", layers[-1])
 
     @property
     def is_fallback(self) -> bool:
         return self.spec is _FALLBACK
+
+    def __repr__(self):
+        return (f"ModelSites({self.model_type}, {self.n_layers} layers at {self.layers_path!r}, "
+                f"{self.spec.name}; {self.source}: {self.verdict})")
 
     def stream_point(self, layer: int, site: str) -> tuple[str, int]:
         """The key of the carrier for ``site`` at ``layer``; raises if it does not exist."""
@@ -333,7 +344,7 @@ class _SpecMismatch(Exception):
 def _check_norm(module: nn.Module, spec: CarrierSpec) -> None:
     fl = spec.flavour
     name = type(module).__name__
-    if fl.norm_kind == L.NORM_LAYER:
+    if fl.norm_kind == L.NORM_LAYER and not fl.class_hint:
         if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
             raise _SpecMismatch(f"{spec.path} is {name}, expected a 1-D torch.nn.LayerNorm")
     elif fl.class_hint not in name:
@@ -341,45 +352,73 @@ def _check_norm(module: nn.Module, spec: CarrierSpec) -> None:
     if not hasattr(module, fl.eps_attr):
         raise _SpecMismatch(f"{spec.path} ({name}) has no attribute {fl.eps_attr!r}")
     weight = getattr(module, "weight", None)
-    if fl.norm_kind == L.NORM_RMS and (weight is None or weight.dim() != 1):
+    # a LayerNorm named by class (Cohere's: no bias) must have its 1-D weight, like an RMSNorm
+    if (fl.norm_kind == L.NORM_RMS or fl.class_hint) and (weight is None or weight.dim() != 1):
         raise _SpecMismatch(f"{spec.path} ({name}) has no 1-D weight")
 
 
-def _hidden_size(model: nn.Module, layers: nn.ModuleList) -> int:
+def _hidden_size(model: nn.Module, layers: nn.ModuleList, base: nn.Module | None = None) -> int:
     config = getattr(model, "config", None)
     for attr in ("hidden_size", "n_embd", "d_model"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = None
+    if hasattr(model, "get_input_embeddings"):
+        try:
+            emb = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    if emb is None:      # a plain nn.Module: the first embedding table of the stream's entry
+        emb = next((m for root in (base, model) if root is not None for m in root.modules()
+                    if isinstance(m, nn.Embedding)), None)
     if emb is not None and getattr(emb, "weight", None) is not None:
         return int(emb.weight.shape[-1])
     raise ValueError(f"model: cannot tell the hidden size of {type(model).__name__} "
                      "(no config.hidden_size and no input embeddings)")
 
 
-def model_sites(model: nn.Module) -> ModelSites:
-    """Resolve the carrier table for ``model`` (falls back to layer hooks with a warning)."""
+def model_sites(model: nn.Module, layers_path: str | None = None) -> ModelSites:
+    """Resolve the carriers of ``model``: its table entry when ``config.model_type`` is in
+    `ARCHITECTURES`; else the table shape a probe forward verified on this model
+    (`fasteer.carrier_probe`); else forward hooks on the layers -- with one warning per
+    model type saying which and why (also in ``sites.verdict``). ``layers_path`` names the
+    layer list (e.g. ``"encoder.layer"``); by default it is found as
+    `fasteer.layer_discovery.find_layers` says."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a Hugging Face causal LM), "
                         f"got {type(model).__name__}")
-    path, layers = _find_layers(model)
-    base_path = path.rpartition(".")[0]
-    base = _get_attr_path(model, base_path) if base_path else model
+    path, layers = _find_layers(model, layers_path)
+    owner, base = stream_owner(model, path)
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", None) or type(model).__name__)
-    hidden = _hidden_size(model, layers)
+    hidden = _hidden_size(model, layers, base)
+    common = dict(model=model, layers_path=path, layers=layers, base=base, hidden=hidden,
+                  model_type=model_type)
     make = ARCHITECTURES.get(model_type)
-    reason = f"model type {model_type!r} is not in fasteer.sites.ARCHITECTURES"
     if make is not None:
         spec = make(config)
         try:
-            return ModelSites(model, spec, path, layers, base, hidden, model_type)
+            return ModelSites(spec=spec, owner=owner, source="table",
+                              verdict=f"model type {model_type!r} is in "
+                                      "fasteer.sites.ARCHITECTURES", **common)
         except _SpecMismatch as exc:
             reason = f"the {model_type!r} model does not match fasteer's table ({exc})"
+            sites = None
+    else:
+        from .carrier_probe import probe_sites
+        sites, reason = probe_sites(common, owner, config)
+    if sites is None:
+        reason = (f"{reason}; steering through forward hooks on the layers at {path!r} "
+                  "instead (same results, one extra launch per site; resid_mid, attn_out and "
+                  "mlp_out unavailable)")
+        sites = ModelSites(spec=_FALLBACK, owner=owner, source="hooks", verdict=reason,
+                           **common)
     if model_type not in _warned_types:
         _warned_types.add(model_type)
-        warnings.warn(f"fasteer: {reason}; steering through forward hooks on the decoder "
-                      "layers instead (same results, one extra launch per site; resid_mid "
-                      "unavailable)", stacklevel=3)
-    return ModelSites(model, _FALLBACK, path, layers, base, hidden, model_type)
+        warnings.warn(f"fasteer: {reason}", stacklevel=3)
+    return sites
+
+
+from .site_families import FAMILIES as _FAMILIES  # noqa: E402
+ARCHITECTURES.update(_FAMILIES)

@@ -29,6 +29,9 @@ VARIANTS = {
                 {"new_decoder_architecture": False, "parallel_attn": True}),
                ("parallel_attn=False",
                 {"new_decoder_architecture": False, "parallel_attn": False})],
+    "stablelm": [("use_parallel_residual=False (StableLM-2, StableLM-3B)",
+                  {"use_parallel_residual": False}),
+                 ("use_parallel_residual=True", {"use_parallel_residual": True})],
     "gemma3": [("multimodal wrapper, text model `gemma3_text`",
                 {"text_config": SimpleNamespace(model_type="gemma3_text")})],
     "mistral3": [("multimodal wrapper, text model `mistral`",
@@ -44,7 +47,7 @@ def _flavour(spec) -> str:
         if fl is None:
             continue
         if fl.norm_kind == L.NORM_LAYER:
-            return "LayerNorm"
+            return f"LayerNorm ({fl.class_hint}, no bias)" if fl.class_hint else "LayerNorm"
         if fl.weight_offset:
             return f"RMSNorm, weight {fl.weight_offset:g} + w"
         return "RMSNorm" if fl.cast_before_weight else "RMSNorm, weight in float32"
@@ -135,8 +138,14 @@ def render() -> str:
         f"* `resid_mid`: {_FALLBACK.no_mid_reason};",
         f"* `attn_out` / `mlp_out`: {_FALLBACK.no_component_reason}.",
         "",
-        "The decoder layers are found at the first of these attributes that exists: "
-        + ", ".join(f"`{p}`" for p in _layer_paths()) + ".",
+        "The layer stack is the first of these attributes that exists: "
+        + ", ".join(f"`{p}`" for p in _layer_paths()) + "; else `fasteer.layer_discovery`",
+        "scans the module tree for lists of two or more blocks of one class (vision and audio",
+        "towers set aside while a text stack remains) and takes the one text stack. Encoder-",
+        "decoder models (T5, BART) have two: name one with `fs.patch(model,",
+        "layers_path=\"encoder.block\")` (also `fs.steer`, `fasteer info --layers-path`).",
+        "`fasteer info --model PATH_OR_ID` prints which carrier every site of a model gets and",
+        "why (table row, probe verdict, or hooks).",
         "",
     ]
     return "\n".join(out)
@@ -144,7 +153,8 @@ def render() -> str:
 
 def _layer_paths():
     import fasteer.sites as sites
-    return getattr(sites, "_LAYER_PATHS", ())
+    from fasteer.layer_discovery import KNOWN_PATHS
+    return KNOWN_PATHS
 
 
 def main(argv=None) -> int:

@@ -76,7 +76,73 @@ ARCHS = {
                                      new_decoder_architecture=False, alibi=False), None),
     "falcon_new": (lambda: _cfg(tf.FalconConfig, new_decoder_architecture=True, num_kv_heads=2,
                                 num_ln_in_parallel_attn=2, parallel_attn=True), None),
+    # issue 21: the families people run today (fasteer/site_families.py)
+    "qwen2_moe": (lambda: _cfg(tf.Qwen2MoeConfig, num_key_value_heads=2, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=24,
+                               shared_expert_intermediate_size=24, decoder_sparse_step=1),
+                  "self_attn"),
+    "phi": (lambda: _cfg(tf.PhiConfig, num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0),
+            None),
+    "stablelm_parallel": (lambda: _cfg(tf.StableLmConfig, num_key_value_heads=2,
+                                       use_parallel_residual=True), None),
+    "stablelm_sequential": (lambda: _cfg(tf.StableLmConfig, num_key_value_heads=2,
+                                         use_parallel_residual=False), "self_attn"),
+    "cohere": (lambda: _cfg(tf.CohereConfig, num_key_value_heads=2, logit_scale=0.5), None),
+    "cohere2": (lambda: _cfg(tf.Cohere2Config, num_key_value_heads=2, sliding_window=4,
+                             layer_types=["sliding_attention", "sliding_attention",
+                                          "full_attention"]), None),
+    # residual_multiplier != 1, so the reference's resid_mid hook must scale the branch
+    # (`BRANCH_SCALE`) and a wrong meaning of attn_out / mlp_out would show
+    "granite": (lambda: _cfg(tf.GraniteConfig, num_key_value_heads=2, residual_multiplier=0.5,
+                             embedding_multiplier=2.0, attention_multiplier=0.3,
+                             logits_scaling=2.0), "self_attn"),
+    "olmo": (lambda: _cfg(tf.OlmoConfig, num_key_value_heads=2), "self_attn"),
+    "olmo3": (lambda: _cfg(tf.Olmo3Config, num_key_value_heads=2, sliding_window=4,
+                           layer_types=["sliding_attention", "sliding_attention",
+                                        "full_attention"]), "post_attention_layernorm"),
+    "smollm3": (lambda: _cfg(tf.SmolLM3Config, num_key_value_heads=2, no_rope_layer_interval=2),
+                "self_attn"),
+    "llama4_text": (lambda: _cfg(tf.Llama4TextConfig, num_key_value_heads=2, head_dim=8,
+                                 intermediate_size_mlp=48, num_local_experts=4,
+                                 num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                 attention_chunk_size=16), "self_attn"),
+    "glm4": (lambda: _cfg(tf.Glm4Config, num_key_value_heads=2, head_dim=8),
+             "post_self_attn_layernorm"),
+    "deepseek_v3": (lambda: _cfg(tf.DeepseekV3Config, num_key_value_heads=4,
+                                 moe_intermediate_size=24, n_shared_experts=1, n_routed_experts=4,
+                                 num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                                 qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8),
+                    "self_attn"),
+    "gpt_oss": (lambda: _cfg(tf.GptOssConfig, num_key_value_heads=2, head_dim=8,
+                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                             layer_types=["sliding_attention", "full_attention",
+                                          "sliding_attention"]), "self_attn"),
+    "mistral3": (lambda: tf.Mistral3Config(
+        text_config=_cfg(tf.MistralConfig, num_key_value_heads=2, head_dim=8),
+        vision_config=tf.PixtralVisionConfig(hidden_size=16, intermediate_size=24,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=16, patch_size=8),
+        image_token_index=1000), "self_attn"),
+    "gemma3": (lambda: tf.Gemma3Config(
+        text_config=_cfg(tf.Gemma3TextConfig, num_key_value_heads=2, head_dim=8,
+                         sliding_window=4),
+        vision_config=tf.SiglipVisionConfig(hidden_size=16, intermediate_size=24,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            image_size=16, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=1000, boi_token_index=1001,
+        eoi_token_index=1002), "post_attention_layernorm"),
 }
+
+# config.model_type -> the factor the architecture multiplies the attention branch by
+# before adding it to the stream (Granite: ``residual + h * residual_multiplier``); 1 when
+# absent. `HookReference` reads it off the model it hooks.
+BRANCH_SCALE = {"granite": lambda config: config.residual_multiplier}
+
+# arch -> the model class (default: AutoModelForCausalLM)
+MODEL_CLASSES = {"mistral3": "Mistral3ForConditionalGeneration",
+                 "gemma3": "Gemma3ForConditionalGeneration"}
 
 
 # name -> (path of the module whose output is the attention sublayer output added to the
@@ -108,6 +174,30 @@ COMPONENTS = {
     "falcon_sequential": ("self_attention", "mlp"),
     "falcon_parallel": ("self_attention", "mlp"),
     "falcon_new": ("self_attention", "mlp"),
+    # issue 21. Llama-likes add self_attn / mlp as they are (Qwen2-MoE, SmolLM3, DeepSeek-V3,
+    # Mistral-3's Mistral text model; GPT-OSS's mlp returns (out, router scores), Llama-4's
+    # feed_forward (out [B*T, D], router logits) in MoE layers); Phi, StableLM and Cohere
+    # 1/2 add self_attn + mlp (Phi/StableLM through an inference-time identity dropout);
+    # Granite adds residual_multiplier * self_attn / mlp -- the components are the
+    # unscaled module outputs; OLMo-1 adds self_attn / mlp; GLM-4 the sandwich norms
+    # post_self_attn_layernorm / post_mlp_layernorm; OLMo-3 (like OLMo-2) and Gemma-3 the
+    # post-sublayer norms.
+    "qwen2_moe": _LLAMA_COMPONENTS,
+    "phi": _LLAMA_COMPONENTS,
+    "stablelm_parallel": _LLAMA_COMPONENTS,
+    "stablelm_sequential": _LLAMA_COMPONENTS,
+    "cohere": _LLAMA_COMPONENTS,
+    "cohere2": _LLAMA_COMPONENTS,
+    "granite": _LLAMA_COMPONENTS,
+    "olmo": _LLAMA_COMPONENTS,
+    "olmo3": _POST_NORM_COMPONENTS,
+    "smollm3": _LLAMA_COMPONENTS,
+    "llama4_text": ("self_attn", "feed_forward"),
+    "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm"),
+    "deepseek_v3": _LLAMA_COMPONENTS,
+    "gpt_oss": _LLAMA_COMPONENTS,
+    "mistral3": _LLAMA_COMPONENTS,
+    "gemma3": _POST_NORM_COMPONENTS,
 }
 
 # reference point keys of the component sites
@@ -133,8 +223,15 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
     make, _ = ARCHS[arch]
     config = make()
     config.initializer_range = 0.15
+    text = getattr(config, "text_config", None)
+    if text is not None:                # multimodal wrappers: the language model's init
+        text.initializer_range = 0.15
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    cls = getattr(tf, MODEL_CLASSES[arch]) if arch in MODEL_CLASSES else tf.AutoModelForCausalLM
+    if arch in MODEL_CLASSES:
+        model = cls._from_config(config, attn_implementation="eager")
+    else:
+        model = cls.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         # non-trivial norm weights and biases, so a carrier using the wrong flavour shows
         for name, p in model.named_parameters():
@@ -151,6 +248,13 @@ def cached_model(arch: str):
 
 def branch_path(arch: str) -> str | None:
     return ARCHS[arch][1]
+
+
+def branch_scale(model) -> float:
+    """The factor the attention branch is multiplied by before the add (`BRANCH_SCALE`)."""
+    config = getattr(model, "config", None)
+    f = BRANCH_SCALE.get(getattr(config, "model_type", None))
+    return 1.0 if f is None else float(f(config))
 
 
 def prompt_batch(batch: int = 3, length: int = 7, pad: str = "left", seed: int = 1,
@@ -232,8 +336,14 @@ class HookReference:
     # (attention module path, MLP module path) relative to a layer, as in `COMPONENTS`;
     # None: component sites (attn_out / mlp_out) unavailable
     components: tuple | None = None
+    # the factor the model multiplies the branch by before adding it (Granite's
+    # residual_multiplier); the resid_mid hook edits h_pre + scale * branch. None: read
+    # off the model (`branch_scale`)
+    branch_scale: float | None = None
 
     def __post_init__(self):
+        if self.branch_scale is None:
+            self.branch_scale = branch_scale(self.model)
         self.handles = []
         self._h_pre = {}
 
@@ -335,8 +445,13 @@ class HookReference:
         def hook(module, args, output):
             branch = output[0] if isinstance(output, tuple) else output
             h_pre = self._h_pre[l]
-            mid = h_pre + branch
-            new_branch = self._steer(("mid", l), mid) - h_pre
+            if self.branch_scale == 1.0:
+                mid = h_pre + branch
+                new_branch = self._steer(("mid", l), mid) - h_pre
+            else:
+                # the model computes h_pre + branch * scale
+                mid = h_pre + branch * self.branch_scale
+                new_branch = (self._steer(("mid", l), mid) - h_pre) / self.branch_scale
             if isinstance(output, tuple):
                 return (new_branch,) + tuple(output[1:])
             return new_branch
@@ -345,7 +460,13 @@ class HookReference:
     def _component(self, point):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            new = self._steer(point, h)
+            shape = self._h_pre[point[1]].shape
+            if h.dim() == 2 and len(shape) == 3:
+                # a sublayer returning flattened tokens [B*T, D] (Llama-4's MoE): rows are
+                # batch rows of the layer input
+                new = self._steer(point, h.view(shape)).view(h.shape)
+            else:
+                new = self._steer(point, h)
             if isinstance(output, tuple):
                 return (new,) + tuple(output[1:])
             return new

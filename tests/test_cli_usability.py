@@ -93,7 +93,9 @@ def test_sweep_progress_on_stderr_only_when_wanted(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("FASTEER_PROGRESS", "1")
     assert _tiny_sweep(tmp_path) == 0
     cap = capsys.readouterr()
-    assert "sweep: 2 alphas x 2 prompts" in cap.err and "4/4" in cap.err, cap.err[-2000:]
+    # the bar is drawn when it opens (0/4: 4 new tokens); later redraws depend on timing
+    # and on whether every row stops early, so only the opening is asserted
+    assert "sweep: 2 alphas x 2 prompts" in cap.err and "| 0/4 [" in cap.err, cap.err[-2000:]
     assert "caa" in cap.err                       # the extraction's bar too
     assert "%|" not in cap.out                    # never on stdout
     assert "Loading weights" not in cap.err       # transformers' loading bar is silenced

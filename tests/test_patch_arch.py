@@ -32,7 +32,11 @@ def _run(arch, ivs, caches=("dynamic", "static"), pad="left", seed=1):
 
 def test_table_covers_the_issue_list():
     wanted = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
-              "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "falcon"}
+              "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "falcon",
+              # issue 21: the families people run today
+              "qwen2_moe", "phi", "stablelm", "cohere", "cohere2", "granite", "olmo", "olmo3",
+              "smollm3", "llama4_text", "glm4", "deepseek_v3", "gpt_oss", "mistral3",
+              "ministral", "ministral3", "gemma3"}
     assert wanted <= set(ARCHITECTURES)
 
 

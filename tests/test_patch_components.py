@@ -23,6 +23,7 @@ import fasteer as fs
 import fasteer.sites as sites_mod
 from fasteer.sites import decoder_layers, model_sites
 from hook_reference import (ARCHS, COMPONENTS, HookReference, assert_same, branch_path,
+                            branch_scale,
                             cached_model, component_module, fasteer_outputs, one_thread, pair,
                             plain_outputs, prompt_batch, random_vectors, reference_outputs,
                             tiny_model)
@@ -30,7 +31,8 @@ from hook_reference import (ARCHS, COMPONENTS, HookReference, assert_same, branc
 _AUTOUSE = (one_thread,)     # the autouse fixture must be in this module's namespace
 
 D, N_LAYERS = 32, 3
-PARALLEL = {"gpt_neox_parallel", "falcon_parallel", "falcon_new"}
+PARALLEL = {"gpt_neox_parallel", "falcon_parallel", "falcon_new", "phi", "stablelm_parallel",
+            "cohere", "cohere2"}
 SITES = ("attn_out", "mlp_out")
 
 # Sequential blocks: the module (relative to the layer) whose first input is resid_mid,
@@ -44,10 +46,15 @@ MID_READER = {
     "gpt2": "ln_2",
     "gpt_neox_sequential": "post_attention_layernorm",
     "falcon_sequential": "post_attention_layernorm",
+    # issue 21 (fasteer/site_families.py)
+    "qwen2_moe": _LLAMA_MID, "stablelm_sequential": _LLAMA_MID, "granite": _LLAMA_MID,
+    "olmo": _LLAMA_MID, "smollm3": _LLAMA_MID, "llama4_text": _LLAMA_MID, "glm4": _LLAMA_MID,
+    "deepseek_v3": _LLAMA_MID, "gpt_oss": _LLAMA_MID, "mistral3": _LLAMA_MID,
+    "olmo3": "mlp", "gemma3": "pre_feedforward_layernorm",
 }
 # Architectures whose sublayer output passes a norm before the add: there the raw
 # sublayer modules are the wrong choice, and the identity must fail for them.
-POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
+POST_NORM = {"gemma2", "gemma3_text", "olmo2", "olmo3", "glm4", "gemma3"}
 
 
 def _first(x):
@@ -107,19 +114,26 @@ def test_component_modules_are_what_the_layer_adds(arch):
     model = cached_model(arch)
     ids, mask = prompt_batch(3, 7, "left")
     got = _capture(model, arch, ids, mask)
+    scale = branch_scale(model)
     assert (arch in MID_READER) == (branch_path(arch) is not None) == (arch not in PARALLEL)
     for l in range(N_LAYERS):
         pre, post, attn, mlp = (got[(k, l)] for k in ("pre", "post", "attn", "mlp"))
+        if mlp.dim() == 2:
+            # Llama-4's MoE feed_forward returns the tokens flattened, [B*T, D]
+            mlp = mlp.view(pre.shape)
         assert attn.shape == mlp.shape == pre.shape == (3, 7, D)
         # not vacuous: both sublayers contribute
         assert float(attn.abs().max()) > 1e-2 and float(mlp.abs().max()) > 1e-2
-        _close(post - pre, attn + mlp, f"layer {l}: resid_post - resid_pre vs attn_out + mlp_out")
+        # Granite adds residual_multiplier * the sublayer outputs (`branch_scale`)
+        attn_s, mlp_s = scale * attn, scale * mlp
+        _close(post - pre, attn_s + mlp_s,
+               f"layer {l}: resid_post - resid_pre vs attn_out + mlp_out")
         if arch in MID_READER:
             mid = got[("mid", l)]
-            _close(mid - pre, attn, f"layer {l}: resid_mid - resid_pre vs attn_out")
-            _close(post - mid, mlp, f"layer {l}: resid_post - resid_mid vs mlp_out")
+            _close(mid - pre, attn_s, f"layer {l}: resid_mid - resid_pre vs attn_out")
+            _close(post - mid, mlp_s, f"layer {l}: resid_post - resid_mid vs mlp_out")
             # the module the reference adds to form resid_mid gives the same branch
-            _close(got[("branch", l)], mid - pre, f"layer {l}: branch_path output")
+            _close(scale * got[("branch", l)], mid - pre, f"layer {l}: branch_path output")
         if arch in POST_NORM:
             wrong = got[("raw_attn", l)] + got[("raw_mlp", l)]
             assert float((post - pre - wrong).abs().max()) > 1e-2, \
@@ -369,6 +383,7 @@ def test_unknown_architecture_rejects_component_sites(monkeypatch):
     model = tiny_model("llama")                    # its own copy: the type is changed
     model.config.model_type = "unknown_xyz_components"
     monkeypatch.setattr(sites_mod, "_warned_types", set())
+    monkeypatch.setattr("fasteer.carrier_probe.ENABLED", False)     # the hook fallback
     with pytest.warns(UserWarning, match="unknown_xyz_components"):
         assert model_sites(model).is_fallback
     mods = [m for layer in decoder_layers(model) for m in (layer.self_attn, layer.mlp)]

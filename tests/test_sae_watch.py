@@ -79,9 +79,10 @@ def test_watch_sees_the_steering_at_its_site(site, point):
     assert float(change[1].max()) <= 1e-4 and float(change[2, :7].max()) <= 1e-4
 
 
-def test_watch_after_an_output_hook_carrier():
+def test_watch_after_an_output_hook_carrier(monkeypatch):
     """Unknown architectures carry the last point with a hook on the last layer, which the
     watch must read after that hook's edit."""
+    monkeypatch.setattr("fasteer.carrier_probe.ENABLED", False)     # the hook fallback
     model = tiny_model("llama")
     model.config.model_type = "not_in_the_table"
     sae = random_sae(D, F, "relu", seed=33, layer=2, site="resid_post")
