@@ -112,7 +112,7 @@ from .ops.steer_norm import _DTYPES
 from .plan import LoweringContext, Request, SlotTables, compile_plan
 from .routing import Routing, _mark_static
 from .sae.carrier import sync_sae_stages
-from .sites import SITES, ModelSites, StreamPoint, model_sites
+from .sites import SITES, ModelSites, StreamPoint, model_sites, norm_eps_attr
 
 __all__ = ["Steerer", "patch", "steer"]
 
@@ -215,7 +215,7 @@ class _NormCarrier(_Carrier):
         m, fl = self.module, point.flavour
         self.weight = getattr(m, "weight", None)
         self.bias = getattr(m, "bias", None) if fl.norm_kind == L.NORM_LAYER else None
-        self.eps = float(getattr(m, fl.eps_attr))
+        self.eps = float(getattr(m, norm_eps_attr(m, fl)))
         self.norm_kind, self.offset = fl.norm_kind, float(fl.weight_offset)
         self.cast_before_weight = fl.cast_before_weight
         self.original = m.forward

@@ -35,6 +35,8 @@ __all__ = ["FAMILIES", "RMS_F32_WEIGHT", "COHERE_LAYER_NORM"]
 RMS_F32_WEIGHT = NormFlavour(L.NORM_RMS, "variance_epsilon", 0.0, False, "RMSNorm")
 # CohereLayerNorm / Cohere2LayerNorm: mean-subtracting, no bias, in float32:
 #   round(w * (x - mean) * rsqrt(var + eps))   == NORM_LAYER with bias None.
+# Llama4TextRMSNorm: Llama's math; epsilon renamed eps -> variance_epsilon in transformers 5.
+RMS_LLAMA4 = NormFlavour(L.NORM_RMS, "variance_epsilon|eps", 0.0, True, "RMSNorm")
 COHERE_LAYER_NORM = NormFlavour(L.NORM_LAYER, "variance_epsilon", 0.0, False, "LayerNorm")
 
 _OLMO_NO_WEIGHT = ("OlmoLayerNorm has no weight and no bias (F.layer_norm(x, None, None)): "
@@ -151,9 +153,10 @@ def _llama4_text(config) -> ArchSpec:
     # residual = h; h = post_attention_layernorm(h); h = feed_forward(h)
     # if MoE layer: h, _ = h  (Llama4TextMoe returns (out [B*T, D], router_logits))
     # h = residual + h.view(residual.shape)
-    # Llama4TextRMSNorm: round(x * rsqrt(...)) * w -- cast before the weight.
-    return ArchSpec("llama4_text", _norm("input_layernorm", RMS_LLAMA),
-                    _norm("post_attention_layernorm", RMS_LLAMA), _norm("norm", RMS_LLAMA),
+    # Llama4TextRMSNorm: round(x * rsqrt(...)) * w -- cast before the weight; its epsilon
+    # is `variance_epsilon` in transformers 5, `eps` in 4.57.
+    return ArchSpec("llama4_text", _norm("input_layernorm", RMS_LLAMA4),
+                    _norm("post_attention_layernorm", RMS_LLAMA4), _norm("norm", RMS_LLAMA4),
                     **_outputs("self_attn", "feed_forward"))
 
 

@@ -102,7 +102,7 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
 class NormFlavour:
     """How a norm module computes, in the terms of `fasteer.ops.layout`."""
     norm_kind: int            # L.NORM_RMS or L.NORM_LAYER
-    eps_attr: str             # attribute holding epsilon
+    eps_attr: str             # attribute holding epsilon ("a|b": the first that exists)
     weight_offset: float = 0.0
     cast_before_weight: bool = True
     class_hint: str = ""      # substring the module's class name must contain ("" = LayerNorm)
@@ -341,6 +341,12 @@ class _SpecMismatch(Exception):
     pass
 
 
+def norm_eps_attr(module: nn.Module, flavour: NormFlavour) -> str | None:
+    """The attribute of ``module`` holding its epsilon: the first of ``flavour.eps_attr``'s
+    ``|``-separated names that exists (a norm renamed it across transformers versions)."""
+    return next((a for a in flavour.eps_attr.split("|") if hasattr(module, a)), None)
+
+
 def _check_norm(module: nn.Module, spec: CarrierSpec) -> None:
     fl = spec.flavour
     name = type(module).__name__
@@ -349,7 +355,7 @@ def _check_norm(module: nn.Module, spec: CarrierSpec) -> None:
             raise _SpecMismatch(f"{spec.path} is {name}, expected a 1-D torch.nn.LayerNorm")
     elif fl.class_hint not in name:
         raise _SpecMismatch(f"{spec.path} is {name}, expected an {fl.class_hint}")
-    if not hasattr(module, fl.eps_attr):
+    if norm_eps_attr(module, fl) is None:
         raise _SpecMismatch(f"{spec.path} ({name}) has no attribute {fl.eps_attr!r}")
     weight = getattr(module, "weight", None)
     # a LayerNorm named by class (Cohere's: no bias) must have its 1-D weight, like an RMSNorm

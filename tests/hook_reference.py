@@ -519,6 +519,19 @@ def random_vectors(layers, hidden: int, seed: int, scale: float = 1.0) -> dict:
 GENERATE = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
+def _static_cache_works(model) -> bool:
+    """transformers 4.57's StaticCache gives keys and values one head size, which
+    DeepSeek-V3's attention (qk_head_dim != v_head_dim) breaks -- in the unpatched model
+    too; transformers 5 sizes them apart."""
+    import transformers
+    too_old = int(transformers.__version__.split(".")[0]) < 5
+    return not (too_old and getattr(model.config, "model_type", "") == "deepseek_v3")
+
+
+def supported_caches(model, caches):
+    return tuple(c for c in caches if c != "static" or _static_cache_works(model))
+
+
 def _generate(model, ids, mask, cache: str):
     kw = dict(GENERATE)
     if cache == "static":
@@ -538,7 +551,7 @@ def fasteer_outputs(model, sets, ids, mask, caches=("dynamic", "static")):
             st.set(*ivs, rows=rows)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
-            gens = {c: _generate(model, ids, mask, c) for c in caches}
+            gens = {c: _generate(model, ids, mask, c) for c in supported_caches(model, caches)}
     finally:
         st.unpatch()
     return logits, gens
@@ -553,7 +566,7 @@ def reference_outputs(model, arch, row_edits, ids, mask, caches=("dynamic", "sta
         ref.begin(mask)
         logits = model(input_ids=ids, attention_mask=mask).logits
         gens = {}
-        for c in caches:
+        for c in supported_caches(model, caches):
             ref.begin(mask)
             gens[c] = _generate(model, ids, mask, c)
     return logits, gens
