@@ -90,13 +90,14 @@ def preflight(device: str) -> torch.device:
     return dev
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, packaged: bool = True) -> None:
     """The cheap part of checking --model (no loading, no converting): a path that looks
-    local must exist, a packaged model's package must be installed."""
+    local must exist, a packaged model's package must be installed (``packaged=False``:
+    only the path)."""
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if name != DEMO and looks_local and not Path(name).expanduser().exists():
         raise UsageError(f"--model: no such path: {name}")
-    if not looks_local:
+    if packaged and not looks_local:
         import importlib.util
 
         from ..models import PACKAGED

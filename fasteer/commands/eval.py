@@ -68,8 +68,9 @@ def run(args) -> int:
     if args.model == C.DEMO:
         raise UsageError("--model: the embedded demo model speaks a toy language the judges "
                          "cannot read; use smollm2, gemma3 or your own model")
-    _check_judges(concepts)          # what to install for fasteer eval itself, first
-    C.check_model_name(args.model)
+    C.check_model_name(args.model, packaged=False)      # a mistyped path first,
+    _check_judges(concepts)          # then what fasteer eval itself needs installed,
+    C.check_model_name(args.model)   # then the packaged model's package
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = C.model_config(args.model)
