@@ -7,12 +7,9 @@ one line and exit code 2.
 import json
 import warnings
 
-import pytest
 import torch
 import transformers as tf
 
-import fasteer.sites as sites_mod
-from fasteer import carrier_probe
 from fasteer.cli import main
 
 
@@ -31,13 +28,7 @@ except ValueError:          # registered already (the module imported twice)
     pass
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.setattr(sites_mod, "_warned_types", set())
-    monkeypatch.setattr(carrier_probe, "ENABLED", True)
-    carrier_probe.clear_cache()
-    yield
-    carrier_probe.clear_cache()
+from test_carrier_probe import _fresh  # noqa: E402,F401 (autouse: probe on, caches fresh)
 
 
 def _run(capsys, *argv):

@@ -40,17 +40,6 @@ def progress_enabled(quiet: bool = False) -> bool:
         return False
 
 
-class _StepProgress:
-    """A logits processor that only advances a progress bar: one tick per decode step."""
-
-    def __init__(self, bar):
-        self.bar = bar
-
-    def __call__(self, input_ids, scores):
-        self.bar.update(1)
-        return scores
-
-
 def add_model_argument(parser) -> None:
     parser.add_argument("--model", default=DEMO,
                         help="'smollm2' or 'gemma3' (real pretrained models from PyPI, see "
@@ -307,6 +296,8 @@ def generate_rows(model, tok, prompts, max_new_tokens, *, seed=0, do_sample=True
     if progress:
         from tqdm.auto import tqdm
         from transformers import LogitsProcessorList
+
+        from ..evaluate.sweep import _StepProgress
         bar = tqdm(total=max_new_tokens, desc=desc, unit="token", leave=False, file=sys.stderr)
         sampling["logits_processor"] = LogitsProcessorList([_StepProgress(bar)])
     try:
